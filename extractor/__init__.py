@@ -1,0 +1,1 @@
+"""Extraction of DETR person embeddings from FACET images."""

@@ -1,0 +1,138 @@
+"""Running DETR: device and precision choice, one forward, the single-photo detector.
+
+The extraction pipeline and the app share these, so a photo queried in the app goes
+through the same preprocessing, precision and post-processing as the run it searches.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .matching import cxcywh_to_xyxy_pixels, person_probability
+from .preprocess import collate, prepare_image, to_rgb
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but no CUDA GPU is usable here; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: bf16 on CPUs with native bf16 and on GPUs that have it, fp32 otherwise.
+
+    Reduced precision keeps the query embeddings at cosine >= 0.995 to float32
+    (measured by bench/extract_bench.py) and is roughly twice as fast.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        if precision == "fp16" and device == "cpu":
+            raise ValueError("fp16 is for CUDA; on the CPU use bf16 or fp32")
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: str, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
+
+
+def prepare_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """Move to the device in eval mode; channels-last memory for the convolutions."""
+    model = model.eval().to(device)
+    return model.to(memory_format=torch.channels_last)
+
+
+def forward(model: torch.nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None,
+            device: str, precision: str, return_attention: bool = False) -> dict[str, torch.Tensor]:
+    """One batch through DETR; every output comes back float32 on the CPU."""
+    with torch.inference_mode(), autocast(device, precision):
+        out = model(pixel_values.to(device, non_blocking=True),
+                    None if pixel_mask is None else pixel_mask.to(device, non_blocking=True),
+                    return_attention=return_attention)
+    return {k: v.float().cpu() for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class PhotoDetections:
+    """All queries of one photo, best person probability first is NOT implied: row q = query q."""
+    scores: np.ndarray            # [Q] person probability
+    boxes: np.ndarray             # [Q, 4] x1, y1, x2, y2 in pixels of the photo
+    embeddings: np.ndarray        # [Q, 256] float32
+    size: tuple[int, int]         # (width, height) of the photo
+    input_size: tuple[int, int]   # (width, height) the model saw
+    decoder_attention: np.ndarray | None = None   # [Q, h, w]
+    encoder_attention: np.ndarray | None = None   # [h*w, h*w]
+
+    @property
+    def feature_size(self) -> tuple[int, int] | None:
+        """(h, w) of the backbone feature grid the attention maps live on."""
+        return None if self.decoder_attention is None else tuple(self.decoder_attention.shape[1:])
+
+    def ranked(self, threshold: float, fallback: int = 5) -> np.ndarray:
+        """Query indices at or above threshold, best first; if none pass, the
+        ``fallback`` queries with the highest person probability (so a photo always
+        leads somewhere, untrained weights included)."""
+        order = np.argsort(-self.scores, kind="stable")
+        passing = order[self.scores[order] >= threshold]
+        return passing if len(passing) else order[:fallback]
+
+
+class Detector:
+    """DETR with a run's checkpoint and preprocessing, for single photos (the app)."""
+
+    def __init__(self, model: torch.nn.Module, *, min_size: int = 800, max_size: int | None = 1333,
+                 device: str = "auto", precision: str = "auto"):
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = prepare_model(model, self.device)
+        self.min_size, self.max_size = min_size, max_size
+
+    def detect(self, img: Image.Image, return_attention: bool = True) -> PhotoDetections:
+        img = to_rgb(img)
+        prepared = prepare_image(img, self.min_size, self.max_size)
+        pixel_values, _ = collate([prepared.pixels])
+        out = forward(self.model, pixel_values, None, self.device, self.precision, return_attention)
+        w, h = prepared.orig_size
+        dec = out.get("decoder_attention")
+        enc = out.get("encoder_attention")
+        return PhotoDetections(
+            scores=person_probability(out["pred_logits"][0]).numpy(),
+            boxes=cxcywh_to_xyxy_pixels(out["pred_boxes"][0].numpy(), w, h).astype(np.float32),
+            embeddings=out["query_embeddings"][0].numpy().astype(np.float32),
+            size=(w, h),
+            input_size=(prepared.pixels.shape[1], prepared.pixels.shape[0]),
+            decoder_attention=None if dec is None else dec[0].numpy(),
+            encoder_attention=None if enc is None else enc[0].numpy(),
+        )

@@ -1,0 +1,241 @@
+"""The extraction run: plan, process shards (crash-safe, resumable), finalise the run dir.
+
+Work is planned deterministically (images sorted by aspect ratio so batches need little
+padding, then cut into shards). Each finished shard is written as a directory under
+``RUN/.work/shards`` with write-then-rename, so a run killed at any moment and started
+again with the same command skips finished shards and ends with the same files as an
+uninterrupted run. The final files are written last, the manifest after them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import rundir
+from .checkpoints import LoadedCheckpoint, build_model
+from .datasets import Dataset, read_dataset, select_persons
+from .finalize import write_outputs
+from .infer import forward, prepare_model
+from .matching import cxcywh_to_xyxy_pixels, match_image, person_probability
+from .plan import Plan, make_plan
+from .preprocess import collate, load_prepared
+from .settings import ExtractSettings, fingerprint
+
+log = logging.getLogger(__name__)
+
+SHARDS = "shards"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out: Path
+    manifest: dict
+    resumed_shards: int
+    processed_shards: int
+
+
+def run_extraction(settings: ExtractSettings) -> RunResult:
+    """Extract embeddings for ``settings.data`` into ``settings.out`` (see module doc)."""
+    t0 = time.perf_counter()
+    s = settings.resolved()
+    dataset = read_dataset(s.data, s.annotations)
+    model, ckpt = build_model(s.checkpoint, seed=s.seed)
+    plan = make_plan(dataset, s)
+    fields = s.fingerprint_fields() | {
+        "annotations_sha256": plan.annotations_sha256, "checkpoint_sha256": ckpt.sha256,
+        "schema_version": rundir.SCHEMA_VERSION,
+    }
+    fp = fingerprint(fields)
+    if _prepare_out_dir(s, fp, fields):
+        manifest = rundir.read_manifest(s.out)
+        log.info("%s is already complete with these settings; nothing to do (use --overwrite to redo)", s.out)
+        return RunResult(s.out, manifest, 0, 0)
+
+    model = prepare_model(model, s.device)
+    shard_root = s.out / rundir.WORK_DIR / SHARDS
+    shard_root.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(len(plan.shards)) if not (shard_root / _shard_name(i)).is_dir()]
+    done_before = len(plan.shards) - len(todo)
+    if done_before:
+        log.info("resuming: %d of %d shards already done", done_before, len(plan.shards))
+
+    t_model = time.perf_counter()
+    n_todo_images = sum(len(plan.shards[i]) for i in todo)
+    with tqdm(total=n_todo_images, unit="img", desc="extract", dynamic_ncols=True) as bar:
+        kept_total = 0
+        for shard_idx, results in _process(model, plan, s, todo):
+            _write_shard(shard_root / _shard_name(shard_idx), results)
+            kept_total += int(sum(r["rows"]["detected"].sum() for r in results if r["rows"] is not None))
+            bar.update(len(results))
+            bar.set_postfix(kept=kept_total, refresh=False)
+    t_extract = time.perf_counter() - t_model
+
+    shards = [_read_shard(shard_root / _shard_name(i)) for i in range(len(plan.shards))]
+    timings = {"total_s": None, "extract_s": round(t_extract, 3), "images_this_session": n_todo_images,
+               "images_per_s": round(n_todo_images / t_extract, 3) if t_extract > 0 and n_todo_images else None}
+    manifest = write_outputs(s, plan, dataset, ckpt, shards, fields, fp, timings, t0)
+    shutil.rmtree(s.out / rundir.WORK_DIR, ignore_errors=True)
+    if s.build_index:
+        from index import build_index  # the next stage, only on request
+        build_index(s.out)
+    return RunResult(s.out, manifest, done_before, len(todo))
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:06d}"
+
+
+def _prepare_out_dir(s: ExtractSettings, fp: str, fields: dict) -> bool:
+    """Create/check the run dir. True when it already holds this exact finished run."""
+    out = s.out
+    work_settings = out / rundir.WORK_DIR / "settings.json"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()):
+        known = {p.name for p in out.iterdir()} & (set(rundir.OUTPUTS) | {rundir.WORK_DIR, rundir.INDEX_DIR,
+                                                                          rundir.CACHE_DIR})
+        if not known:
+            raise ValueError(f"--out {out} is a non-empty directory that is not a run; choose a new one")
+        previous = None
+        if (out / rundir.MANIFEST).is_file():
+            previous = _read_json(out / rundir.MANIFEST).get("settings_fingerprint")
+        elif work_settings.is_file():
+            previous = _read_json(work_settings).get("fingerprint")
+        if s.overwrite:
+            for name in known:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        elif previous == fp and (out / rundir.MANIFEST).is_file():
+            return True
+        elif previous != fp:
+            raise ValueError(f"{out} holds a run made with other settings; pass --overwrite to replace it "
+                             f"or choose another --out")
+    rundir.write_json(work_settings, {"fingerprint": fp, "fields": fields})
+    return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _process(model, plan: Plan, s: ExtractSettings, todo: list[int]) -> Iterator[tuple[int, list[dict]]]:
+    """Decode ahead in threads (PIL releases the GIL) while the model runs; yields per shard."""
+    root = s.data
+
+    def load(image_id: int):
+        row = plan.images_by_id[image_id]
+        try:
+            return load_prepared(root / row["path"], s.min_size, s.max_size, draft=s.draft)
+        except Exception as exc:  # any decoding failure is recorded, never fatal
+            return f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+
+    order = [(i, image_id) for i in todo for image_id in plan.shards[i]]
+    window = max(2 * s.batch_size, s.workers * 2)
+    with ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="decode") as pool:
+        futures = [pool.submit(load, image_id) for _, image_id in order[:window]]
+        next_submit = len(futures)
+        pos = 0
+        for shard_idx in todo:
+            ids = plan.shards[shard_idx]
+            results: list[dict] = []
+            for start in range(0, len(ids), s.batch_size):
+                batch_ids = ids[start:start + s.batch_size]
+                loaded = []
+                for _ in batch_ids:
+                    loaded.append(futures[pos].result())
+                    futures[pos] = None  # free the pixels once consumed
+                    pos += 1
+                    if next_submit < len(order):
+                        futures.append(pool.submit(load, order[next_submit][1]))
+                        next_submit += 1
+                results.extend(_run_batch(model, plan, s, batch_ids, loaded))
+            yield shard_idx, results
+
+
+def _run_batch(model, plan: Plan, s: ExtractSettings, image_ids: list[int], loaded: list) -> list[dict]:
+    ok = [(iid, p) for iid, p in zip(image_ids, loaded) if not isinstance(p, str)]
+    results = {iid: {"image_id": iid, "status": p, "rows": None} for iid, p in zip(image_ids, loaded)
+               if isinstance(p, str)}
+    if ok:
+        pixel_values, mask = collate([p.pixels for _, p in ok])
+        # Same-size batches need no mask: the attention then skips the masking work.
+        out = forward(model, pixel_values, mask if bool(mask.any()) else None, s.device, s.precision)
+        scores = person_probability(out["pred_logits"]).numpy()
+        for b, (iid, prepared) in enumerate(ok):
+            results[iid] = _image_rows(plan, s, iid, prepared, scores[b], out["pred_boxes"][b].numpy(),
+                                       out["query_embeddings"][b].numpy())
+    return [results[iid] for iid in image_ids]
+
+
+def _image_rows(plan: Plan, s: ExtractSettings, image_id: int, prepared, scores, boxes, emb) -> dict:
+    w, h = prepared.orig_size
+    expected = plan.images_by_id[image_id]
+    if (w, h) != (expected["width"], expected["height"]):
+        return {"image_id": image_id, "status": f"error: size changed to {w}x{h} while running", "rows": None}
+    xyxy = cxcywh_to_xyxy_pixels(boxes, w, h)
+    persons = plan.context_by_image.get(image_id)
+    gt = persons[["gt_x1", "gt_y1", "gt_x2", "gt_y2"]].to_numpy(np.float64) if persons is not None \
+        else np.zeros((0, 4))
+    person_ids = persons["person_id"].to_numpy() if persons is not None else np.zeros(0, np.int64)
+    m = match_image(scores, xyxy, gt, s.threshold, s.min_iou)
+    if plan.filtered:
+        # Only the selected persons' rows stay; a detection of nobody cannot satisfy a person filter.
+        keep = np.array([p >= 0 and int(person_ids[p]) in plan.selected_ids for p in m.person_idx], dtype=bool)
+        m = type(m)(m.query_idx[keep], m.person_idx[keep], m.iou[keep], m.detected[keep])
+    rows = pd.DataFrame({
+        "image_id": np.full(len(m.query_idx), image_id, dtype=np.int64),
+        "query_idx": m.query_idx.astype(np.int16),
+        "score": scores[m.query_idx].astype(np.float32),
+        "x1": xyxy[m.query_idx, 0].astype(np.float32), "y1": xyxy[m.query_idx, 1].astype(np.float32),
+        "x2": xyxy[m.query_idx, 2].astype(np.float32), "y2": xyxy[m.query_idx, 3].astype(np.float32),
+        "person_id": pd.array([int(person_ids[p]) if p >= 0 else None for p in m.person_idx], dtype="Int64"),
+        "iou": m.iou.astype(np.float32),
+        "detected": m.detected.astype(bool),
+    })
+    return {"image_id": image_id, "status": "ok", "rows": rows,
+            "embeddings": np.ascontiguousarray(emb[m.query_idx], dtype=np.float32)}
+
+
+def _write_shard(path: Path, results: list[dict]) -> None:
+    """One shard directory, complete or absent: written beside, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    status = pd.DataFrame({"image_id": [r["image_id"] for r in results],
+                           "status": [r["status"] for r in results]})
+    frames = [r["rows"] for r in results if r["rows"] is not None]
+    rows = pd.concat(frames, ignore_index=True) if frames else None
+    embs = [r["embeddings"] for r in results if r["rows"] is not None]
+    status.to_parquet(tmp / "images.parquet", index=False)
+    if rows is not None:
+        rows.to_parquet(tmp / "rows.parquet", index=False)
+        np.save(tmp / "embeddings.npy", np.concatenate(embs))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    tmp.rename(path)
+
+
+def _read_shard(path: Path) -> dict:
+    status = pd.read_parquet(path / "images.parquet")
+    if (path / "rows.parquet").is_file():
+        rows = pd.read_parquet(path / "rows.parquet")
+        emb = np.load(path / "embeddings.npy")
+    else:
+        rows, emb = None, np.zeros((0, 256), np.float32)
+    return {"status": status, "rows": rows, "embeddings": emb}

@@ -1,0 +1,64 @@
+"""The extraction settings: one frozen dataclass, built at the edge (CLI, app, bench)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .infer import resolve_device, resolve_precision
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    data: Path
+    out: Path
+    annotations: Path | None = None
+    checkpoint: str = "detr-r50"
+    threshold: float = 0.7
+    batch_size: int = 0            # 0: auto (2 on the CPU, 16 on a GPU)
+    device: str = "auto"
+    precision: str = "auto"        # auto | fp32 | bf16 | fp16
+    min_size: int = 800
+    max_size: int = 1333
+    limit: int | None = None
+    where: str | None = None
+    overwrite: bool = False
+    workers: int = 0               # decoding threads; 0: auto
+    shard_size: int = 64           # images per crash-safe shard
+    seed: int = 0                  # seeded weights for --checkpoint none
+    draft: bool = True             # reduced-scale JPEG decoding where it does not upsample
+    min_iou: float = 0.5
+    build_index: bool = False
+
+    def resolved(self) -> "ExtractSettings":
+        """Auto values made concrete for this machine; validates ranges."""
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"--threshold must be within 0..1, got {self.threshold}")
+        if self.min_size < 32 or self.max_size < self.min_size:
+            raise ValueError(f"need 32 <= --min-size <= --max-size, got {self.min_size} and {self.max_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.batch_size < 0 or self.shard_size < 1 or self.workers < 0:
+            raise ValueError("--batch-size, --workers must be >= 0 and the shard size >= 1")
+        device = resolve_device(self.device)
+        precision = resolve_precision(self.precision, device)
+        batch = self.batch_size or (16 if device.startswith("cuda") else 2)
+        workers = self.workers or min(8, os.cpu_count() or 1)
+        shard = max(self.shard_size, batch)
+        return replace(self, data=Path(self.data).resolve(), out=Path(self.out).resolve(),
+                       device=device, precision=precision, batch_size=batch, workers=workers,
+                       shard_size=shard - shard % batch)
+
+    def fingerprint_fields(self) -> dict:
+        """What decides the content of a run: a run dir is only resumed with the same."""
+        d = asdict(self)
+        for k in ("out", "overwrite", "workers", "build_index"):
+            d.pop(k)
+        d["device"] = "cuda" if str(d["device"]).startswith("cuda") else d["device"]
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def fingerprint(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
