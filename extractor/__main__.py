@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+# Before torch loads: OpenMP threads that spin while waiting make every forward 10-40x
+# slower as soon as anything else (our decoding threads, another program) wants a core.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXAMPLES = """examples:
   python -m extractor demo --out data/demo
@@ -34,11 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--threshold", type=float, default=0.7,
                    help="keep a query when softmax(logits)[person] >= this (default 0.7)")
     r.add_argument("--batch-size", type=int, default=0,
-                   help="images per forward pass; 0 = auto (2 on the CPU, 16 on a GPU)")
+                   help="images per forward pass; 0 = auto (1 on the CPU: no padding, official numbers; 16 on a GPU)")
     r.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda (default auto)")
     r.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto = bf16 where the CPU/GPU has it natively (embeddings at cosine >= 0.995 to "
-                        "fp32, about 2x faster), else fp32; fp32 for the exact official numbers")
+                   help="auto = fp32 on the CPU (fused fast path, official numbers) and bf16 autocast on a GPU; "
+                        "bf16 on the CPU is an option that changes embeddings slightly (see README)")
     r.add_argument("--min-size", type=int, default=800, help="shorter image side after resizing (default 800)")
     r.add_argument("--max-size", type=int, default=1333, help="longest image side after resizing (default 1333)")
     r.add_argument("--limit", type=int, default=None, help="only the first N images (by image id)")
@@ -54,9 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="images per crash-safe shard: work since the last finished shard is redone after a "
                         "crash (default 64)")
     r.add_argument("--seed", type=int, default=0, help="seed of the untrained weights for --checkpoint none")
-    r.add_argument("--no-draft", dest="draft", action="store_false",
-                   help="always decode JPEGs at full size (default: reduced DCT scale when the target is "
-                        "at most half the original size)")
+    r.add_argument("--draft", action="store_true",
+                   help="decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) when that is still at least the "
+                        "target size: faster for large photos or small --min-size, but the pixels differ slightly "
+                        "from a full decode + resize (off by default)")
     r.add_argument("--build-index", action="store_true", help="build the FAISS index when done")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 

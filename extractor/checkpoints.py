@@ -309,12 +309,19 @@ def _seeded_cached(seed: int, backbone: str) -> dict[str, Tensor]:
     with torch.device("meta"):
         model = build_detr(backbone)
     model = model.to_empty(device="cpu").eval()
-    with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            tensor.copy_(_initial_value(name, tensor, g))
-        images = synthetic_images(g)
-        _calibrate_backbone(model, images)
-        _calibrate_heads(model, images, g)
+    # One thread: parallel reductions in the calibration would otherwise make the weights
+    # depend on the thread count, and the app must rebuild exactly the run's weights.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            for name, tensor in model.state_dict(keep_vars=True).items():
+                tensor.copy_(_initial_value(name, tensor, g))
+            images = synthetic_images(g)
+            _calibrate_backbone(model, images)
+            _calibrate_heads(model, images, g)
+    finally:
+        torch.set_num_threads(threads)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

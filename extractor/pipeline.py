@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,8 @@ from . import rundir
 from .checkpoints import LoadedCheckpoint, build_model
 from .datasets import Dataset, read_dataset, select_persons
 from .finalize import write_outputs
-from .infer import forward, prepare_model
+from .fastpath import optimise_for_inference
+from .infer import forward
 from .matching import cxcywh_to_xyxy_pixels, match_image, person_probability
 from .plan import Plan, make_plan
 from .preprocess import collate, load_prepared
@@ -46,8 +47,13 @@ class RunResult:
     processed_shards: int
 
 
-def run_extraction(settings: ExtractSettings) -> RunResult:
-    """Extract embeddings for ``settings.data`` into ``settings.out`` (see module doc)."""
+def run_extraction(settings: ExtractSettings,
+                   progress: Callable[[int, int], None] | None = None) -> RunResult:
+    """Extract embeddings for ``settings.data`` into ``settings.out`` (see module doc).
+
+    progress: called with (images done, images to do) after every shard (the app's
+    progress bar); the terminal gets a tqdm bar either way.
+    """
     t0 = time.perf_counter()
     s = settings.resolved()
     dataset = read_dataset(s.data, s.annotations)
@@ -63,7 +69,7 @@ def run_extraction(settings: ExtractSettings) -> RunResult:
         log.info("%s is already complete with these settings; nothing to do (use --overwrite to redo)", s.out)
         return RunResult(s.out, manifest, 0, 0)
 
-    model = prepare_model(model, s.device)
+    model = optimise_for_inference(model, s.device, s.precision)
     shard_root = s.out / rundir.WORK_DIR / SHARDS
     shard_root.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(plan.shards)) if not (shard_root / _shard_name(i)).is_dir()]
@@ -80,6 +86,8 @@ def run_extraction(settings: ExtractSettings) -> RunResult:
             kept_total += int(sum(r["rows"]["detected"].sum() for r in results if r["rows"] is not None))
             bar.update(len(results))
             bar.set_postfix(kept=kept_total, refresh=False)
+            if progress is not None:
+                progress(bar.n, n_todo_images)
     t_extract = time.perf_counter() - t_model
 
     shards = [_read_shard(shard_root / _shard_name(i)) for i in range(len(plan.shards))]

@@ -33,9 +33,11 @@ def target_size(width: int, height: int, min_size: int = 800, max_size: int | No
         size = int(round(max_size * short / long))
     if (width <= height and width == size) or (height <= width and height == size):
         return width, height
-    if width < height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
+    out = (size, int(size * height / width)) if width < height else (int(size * width / height), size)
+    if min(out) < 1:
+        raise ValueError(f"a {width}x{height} image is too elongated: resized for DETR it would be "
+                         f"{out[0]}x{out[1]} pixels")
+    return out
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

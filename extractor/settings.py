@@ -17,7 +17,7 @@ class ExtractSettings:
     annotations: Path | None = None
     checkpoint: str = "detr-r50"
     threshold: float = 0.7
-    batch_size: int = 0            # 0: auto (2 on the CPU, 16 on a GPU)
+    batch_size: int = 0            # 0: auto (1 on the CPU, 16 on a GPU)
     device: str = "auto"
     precision: str = "auto"        # auto | fp32 | bf16 | fp16
     min_size: int = 800
@@ -28,7 +28,7 @@ class ExtractSettings:
     workers: int = 0               # decoding threads; 0: auto
     shard_size: int = 64           # images per crash-safe shard
     seed: int = 0                  # seeded weights for --checkpoint none
-    draft: bool = True             # reduced-scale JPEG decoding where it does not upsample
+    draft: bool = False            # reduced-scale JPEG decoding where it does not upsample (opt-in)
     min_iou: float = 0.5
     build_index: bool = False
 
@@ -44,7 +44,9 @@ class ExtractSettings:
             raise ValueError("--batch-size, --workers must be >= 0 and the shard size >= 1")
         device = resolve_device(self.device)
         precision = resolve_precision(self.precision, device)
-        batch = self.batch_size or (16 if device.startswith("cuda") else 2)
+        # One image per forward on the CPU: batching does not pay there, and an unpadded
+        # image gives exactly the official single-image numbers.
+        batch = self.batch_size or (16 if device.startswith("cuda") else 1)
         workers = self.workers or min(8, os.cpu_count() or 1)
         shard = max(self.shard_size, batch)
         return replace(self, data=Path(self.data).resolve(), out=Path(self.out).resolve(),

@@ -15,13 +15,7 @@ from extractor.checkpoints import OFFICIAL, build_model, load_checkpoint, seeded
 from extractor.detr import PERSON_CLASS, build_detr
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine run 10-40x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from extractor.detr import (HIDDEN_DIM, NUM_QUERIES, PERSON_CLASS, SinePositionE
 REFERENCE = Path(__file__).parent / "data" / "detr_state_dict"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two OpenMP threads spin against other processes and run
-    # 10-40x slower than one; restore the setting for whatever runs next.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

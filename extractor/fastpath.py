@@ -1,0 +1,166 @@
+"""Inference-only speed-ups of DETR on the CPU that keep float32 results.
+
+Measured on the 2-core AVX-512 CPU of the project (bench/extract_bench.py --levers):
+the backbone's convolutions are ~75% of a forward at 800 px. Three things pay:
+
+1. channels-last memory, which oneDNN's convolutions want;
+2. the frozen batch norms folded into the convolutions before them (no extra passes
+   over the large activation maps);
+3. convolution weights reordered once into oneDNN's blocked layout *for the input shape
+   at hand* (a layout chosen for another shape gains nothing), with the ReLU and the
+   residual add fused into the convolution that precedes them.
+
+All of them compute the same float32 arithmetic (the fused path matches the eager
+backbone bit for bit in our checks), so embeddings, scores and boxes stay those of the
+official model to float32 rounding. bf16 is an opt-in precision: it changes the
+embeddings measurably (see the README).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from .detr import DETR, fold_frozen_batchnorm
+
+log = logging.getLogger(__name__)
+
+# Shapes kept packed at once: images are processed sorted by aspect ratio, so the same
+# few shapes come in runs; each packed copy of R50 is ~100 MB.
+PACKED_SHAPES = 3
+
+
+def _mkldnn_ops():
+    ops = getattr(torch.ops, "mkldnn", None)
+    needed = ("_reorder_convolution_weight", "_convolution_pointwise", "_convolution_pointwise_")
+    if ops is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return ops if all(getattr(ops, n, None) is not None for n in needed) else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class _PackedConv:
+    """One folded convolution with its weight reordered for a given input shape."""
+
+    def __init__(self, ops, conv: nn.Conv2d, input_shape: torch.Size):
+        self.ops = ops
+        self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        self.weight = ops._reorder_convolution_weight(conv.weight, *self.args, list(input_shape))
+        self.bias = conv.bias
+
+    def __call__(self, x: Tensor, unary: str = "none") -> Tensor:
+        return self.ops._convolution_pointwise(x, self.weight, self.bias, *self.args, unary, [], "")
+
+    def add_relu_(self, x: Tensor, residual: Tensor) -> Tensor:
+        """relu(conv(x) + residual), written into ``residual`` (which is not needed after)."""
+        return self.ops._convolution_pointwise_(residual, x, self.weight, self.bias, *self.args,
+                                                "add", 1.0, "relu", [], "")
+
+
+class FusedTrunk(nn.Module):
+    """Drop-in for a BN-folded ResNet trunk: [B, 3, H, W] -> [B, 2048, h, w], same float32 values."""
+
+    def __init__(self, trunk: nn.Module, ops):
+        super().__init__()
+        self.trunk = trunk
+        self.ops = ops
+        self._packed: OrderedDict[tuple, list] = OrderedDict()
+        # The app shares one model between sessions, each in its own thread.
+        self._lock = threading.Lock()
+
+    def _pack(self, x: Tensor) -> list:
+        """Packed weights for this input shape; each conv's input shape follows from conv
+        arithmetic, so no forward pass is needed (that would cost as much as an image)."""
+        t = self.trunk
+        packed = [_PackedConv(self.ops, t.conv1, x.shape)]
+        shape = _pool_out(_conv_out(tuple(x.shape), t.conv1), t.maxpool)
+        for layer in (t.layer1, t.layer2, t.layer3, t.layer4):
+            for block in layer:
+                c1 = _PackedConv(self.ops, block.conv1, shape)
+                mid = _conv_out(shape, block.conv1)
+                c2 = _PackedConv(self.ops, block.conv2, mid)
+                mid = _conv_out(mid, block.conv2)
+                c3 = _PackedConv(self.ops, block.conv3, mid)
+                down = None if block.downsample is None else _PackedConv(self.ops, block.downsample[0], shape)
+                packed.append((c1, c2, c3, down))
+                shape = _conv_out(mid, block.conv3)
+        return packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        key = (tuple(x.shape), x.dtype)
+        with self._lock:
+            packed = self._packed.get(key)
+            if packed is None:
+                packed = self._pack(x)
+                self._packed[key] = packed
+                while len(self._packed) > PACKED_SHAPES:
+                    self._packed.popitem(last=False)
+            else:
+                self._packed.move_to_end(key)
+        stem, blocks = packed[0], packed[1:]
+        h = self.trunk.maxpool(stem(x, "relu"))
+        for c1, c2, c3, down in blocks:
+            residual = down(h) if down is not None else h
+            h = c3.add_relu_(c2(c1(h, "relu"), "relu"), residual)
+        return h
+
+
+def _out_side(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv_out(shape: tuple, conv: nn.Conv2d) -> tuple:
+    """[B, C, H, W] after ``conv``."""
+    h, w = (_out_side(shape[2 + i], conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i])
+            for i in range(2))
+    return (shape[0], conv.out_channels, h, w)
+
+
+def _pool_out(shape: tuple, pool: nn.MaxPool2d) -> tuple:
+    """[B, C, H, W] after a square max-pool (ResNet's stem), floor mode."""
+    h, w = (_out_side(side, pool.kernel_size, pool.stride, pool.padding, pool.dilation) for side in shape[2:])
+    return (shape[0], shape[1], h, w)
+
+
+def optimise_for_inference(model: DETR, device: str, precision: str) -> nn.Module:
+    """An inference-only copy of ``model`` made fast for ``device`` / ``precision``.
+
+    The copy's state dict no longer has the official keys (batch norms are folded):
+    never save it. ``model`` itself is left as it was.
+    """
+    fast = fold_frozen_batchnorm(model.eval())
+    fast = fast.to(device).to(memory_format=torch.channels_last)
+    if device != "cpu" or precision != "fp32":
+        return fast
+    ops = _mkldnn_ops()
+    if ops is None:
+        log.info("oneDNN fused convolutions unavailable; using channels-last + folded batch norms")
+        return fast
+    body = fast.backbone[0].body
+    fused = FusedTrunk(body, ops)
+    if not _agrees(body, fused):
+        return fast
+    fast.backbone[0].body = fused
+    return fast
+
+
+def _agrees(reference: nn.Module, candidate: nn.Module) -> bool:
+    """A small self-check, so an unusual torch build degrades to the slower path, never to wrong numbers."""
+    x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            want, got = reference(x), candidate(x.clone())
+        ok = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4 * float(want.abs().max())))
+    except RuntimeError as exc:
+        log.warning("oneDNN fused convolutions failed (%s); using the plain path", exc)
+        return False
+    if not ok:
+        log.warning("oneDNN fused convolutions disagree with the reference; using the plain path")
+    candidate._packed.clear()
+    return ok

@@ -1,0 +1,104 @@
+"""Command line: ``python -m index build|compare|synthetic ...`` (``--help`` on each)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+# Before FAISS's OpenMP starts: spinning waiters stall everything on a busy 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from extractor.rundir import atomic_write
+from index.build import KINDS, BuildSettings, build_index
+from index.export import to_csv_bytes
+from index.groups import GROUPINGS, METRICS, POPULATIONS, GroupSettings, compare
+from index.store import load_run
+from index.synthetic import write_synthetic_run
+
+log = logging.getLogger("index")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m index", description="FAISS index and group read-outs over a run directory.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("build", help="build the FAISS index of a run",
+                       description="Build RUN/index/ (cosine similarity over L2-normalised embeddings, ids = det_id) "
+                                   "and write its manifest with recall, parameters and checksums.")
+    b.add_argument("run", type=Path, help="run directory written by the extractor")
+    b.add_argument("--kind", choices=KINDS, default="auto",
+                   help="flat = exact IndexFlatIP; hnsw / ivf = approximate with a tuned search parameter; "
+                        "auto = flat up to --exact-max-rows rows, approximate above (default: auto)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the training sample and recall queries (default: 0)")
+    b.add_argument("--exact-max-rows", type=int, default=BuildSettings.exact_max_rows,
+                   help="largest run that auto indexes exactly (default: %(default)s)")
+    b.add_argument("--target-recall", type=float, default=BuildSettings.target_recall,
+                   help="recall@10 the approximate search parameter is tuned to reach (default: %(default)s)")
+
+    c = sub.add_parser("compare", help="write a group read-out as CSV",
+                       description="Compare groups of a run and write the tidy table as CSV "
+                                   "(the same bytes as the app's download).")
+    c.add_argument("run", type=Path, help="run directory with a built index")
+    c.add_argument("--by", required=True, choices=GROUPINGS, metavar="GROUPING",
+                   help=f"grouping: {', '.join(GROUPINGS)}")
+    c.add_argument("--metric", required=True, choices=METRICS,
+                   help="similarity = centroid and mean pairwise cosine; neighbours = share of each group among "
+                        "the k nearest neighbours vs its base rate; recall = detection recall per group and the gap")
+    c.add_argument("--population", choices=POPULATIONS, default=None,
+                   help="rows compared: detections = matched detections, persons = one row per annotated person, "
+                        "all = every row (default: detections; recall always counts annotated persons)")
+    c.add_argument("--k", type=int, default=GroupSettings.k, help="neighbours per query (default: %(default)s)")
+    c.add_argument("--n-boot", type=int, default=GroupSettings.n_boot,
+                   help="bootstrap rounds for the 95%% intervals (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=GroupSettings.seed,
+                   help="seed of the bootstrap and query sample (default: %(default)s)")
+    c.add_argument("--min-group-size", type=int, default=GroupSettings.min_group_size,
+                   help="groups smaller than this are flagged small_group (default: %(default)s)")
+    c.add_argument("--max-queries-per-group", type=int, default=GroupSettings.max_queries_per_group,
+                   help="neighbours: seeded sample of queries per group (default: %(default)s)")
+    c.add_argument("--out", type=Path, required=True, help="CSV file to write")
+
+    s = sub.add_parser("synthetic", help="write a synthetic run (no DETR) for tests and demos",
+                       description="Write a complete, valid synthetic run directory with clustered embeddings.")
+    s.add_argument("out", type=Path, help="run directory to create")
+    s.add_argument("--rows", type=int, required=True, help="number of embedding rows")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    s.add_argument("--clusters", type=int, default=None, help="mixture components (default: rows / 200, 2..64)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        if args.command == "build":
+            settings = BuildSettings(kind=args.kind, seed=args.seed, exact_max_rows=args.exact_max_rows,
+                                     target_recall=args.target_recall)
+            build_index(args.run, settings)
+        elif args.command == "compare":
+            settings = GroupSettings(k=args.k, n_boot=args.n_boot, seed=args.seed, min_group_size=args.min_group_size,
+                                     max_queries_per_group=args.max_queries_per_group)
+            data = to_csv_bytes(compare(load_run(args.run), args.by, args.metric, args.population, settings))
+            atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
+            log.info("wrote %s", args.out)
+        else:
+            write_synthetic_run(args.out, args.rows, seed=args.seed, n_clusters=args.clusters)
+    except (ValueError, OSError) as exc:
+        print(f"python -m index {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Group read-outs checked against hand computations on tiny fixtures."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import binomtest
+
+from index import GROUPINGS, BuildSettings, GroupSettings, build_index, load_run, membership, write_synthetic_run
+from index.groups import detection_recall, neighbour_composition, similarity
+from index.stats import newcombe_difference, resample_counts, wilson
+
+# Tiny fixture: 60 rows, all matched. mst_any: tone 1 = rows 0-19, tone 2 = rows 10-29
+# (overlapping tone 1), tone 3 = rows 30-39, tone 10 = row 40 alone, tones 4-9 empty,
+# rows 41-59 have no tone (unknown).
+TONES = {1: range(0, 20), 2: range(10, 30), 3: range(30, 40), 10: range(40, 41)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    run_dir = write_synthetic_run(tmp_path_factory.mktemp("tiny") / "run", 60, seed=11)
+    meta = pd.read_parquet(run_dir / "detections.parquet")
+    meta["matched"] = True
+    meta["has_person"] = True
+    for t in range(1, 11):
+        col = np.zeros(60, dtype=bool)
+        col[list(TONES.get(t, []))] = True
+        meta[f"mst_any_{t}"] = col
+    meta.to_parquet(run_dir / "detections.parquet", index=False)
+    build_index(run_dir, BuildSettings(kind="flat"))
+    return load_run(run_dir)
+
+
+def _unit(run) -> np.ndarray:
+    x = np.asarray(run.xb, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _groups() -> dict[str, list[int]]:
+    out = {str(t): list(TONES.get(t, [])) for t in range(1, 11)}
+    out["unknown"] = list(range(41, 60))
+    return out
+
+
+def _value(df: pd.DataFrame, metric: str, a: str, b: str) -> pd.Series:
+    row = df[(df.metric == metric) & (df.group_a == a) & (df.group_b == b)]
+    assert len(row) == 1
+    return row.iloc[0]
+
+
+def test_membership_labels_order_and_overlap(tiny):
+    labels, M = membership(tiny.meta, "mst_any")
+    assert labels == [str(t) for t in range(1, 11)] + ["unknown"]
+    assert M.sum(axis=0).tolist() == [20, 20, 10, 0, 0, 0, 0, 0, 0, 1, 19]
+    assert (M[10:20, 0] & M[10:20, 1]).all()
+
+
+@pytest.mark.parametrize("by", GROUPINGS)
+def test_every_row_is_in_some_group(tiny, by):
+    labels, M = membership(tiny.meta, by)
+    assert M.shape == (tiny.n, len(labels)) and M.any(axis=1).all()
+    if by.endswith(("_mode", "_band")) or by.startswith("lighting_"):
+        assert (M.sum(axis=1) == 1).all()
+
+
+def test_membership_of_exclusive_groupings():
+    frame = pd.DataFrame({
+        "mst_mode": pd.array([1, 10, None, 5], dtype="Int8"), "mst_band": ["lighter", "darker", "unknown", "medium"],
+        "lighting_well_lit": [True, False, False, True], "lighting_dimly_lit": [False, True, False, True],
+        "lighting_underexposed": False, "lighting_overexposed": False,
+    })
+    labels, M = membership(frame, "mst_mode")
+    assert [labels[i] for i in M.argmax(axis=1)] == ["1", "10", "unknown", "5"]
+    labels, M = membership(frame, "lighting")
+    assert labels == ["well_lit", "dimly_lit", "underexposed", "overexposed", "unknown"]
+    assert M[:, -1].tolist() == [False, False, True, False] and M[3, :2].all()
+    labels, M = membership(frame, "lighting_dimly_lit")
+    assert labels == ["yes", "no"] and M[:, 0].tolist() == [False, True, False, True]
+    with pytest.raises(ValueError, match="unknown grouping 'skin'.*mst_any"):
+        membership(frame, "skin")
+
+
+def test_similarity_matches_double_loop(tiny):
+    df = similarity(tiny, "mst_any", settings=GroupSettings(n_boot=50))
+    v = _unit(tiny)
+    groups = _groups()
+    assert len(df) == 2 * 11 * 11
+    for a, ga in groups.items():
+        for b, gb in groups.items():
+            pair = [float(v[i] @ v[j]) for i in ga for j in gb if i != j]
+            want = np.mean(pair) if pair else np.nan
+            got = _value(df, "mean_pairwise_cosine", a, b)
+            np.testing.assert_allclose(got.value, want, atol=1e-5, equal_nan=True)
+            assert (got.n_a, got.n_b) == (len(ga), len(gb))
+            if ga and gb:
+                ma, mb = v[ga].mean(axis=0), v[gb].mean(axis=0)
+                cos = ma @ mb / np.linalg.norm(ma) / np.linalg.norm(mb)
+                assert _value(df, "centroid_cosine", a, b).value == pytest.approx(cos, abs=1e-5)
+            else:
+                assert np.isnan(_value(df, "centroid_cosine", a, b).value)
+
+
+def test_group_of_one_and_empty_group(tiny):
+    df = similarity(tiny, "mst_any", settings=GroupSettings(n_boot=20))
+    one = _value(df, "mean_pairwise_cosine", "10", "10")
+    assert one.n_a == 1 and np.isnan(one.value) and bool(one.small_group)
+    assert _value(df, "centroid_cosine", "10", "10").value == pytest.approx(1.0)
+    assert np.isfinite(_value(df, "mean_pairwise_cosine", "10", "1").value)
+    empty = df[(df.group_a == "5")]
+    assert len(empty) == 2 * 11 and (empty.n_a == 0).all() and empty[["value", "ci_low", "ci_high"]].isna().all().all()
+
+
+def test_bootstrap_round_matches_explicit_resample(tiny):
+    """One bootstrap round, redrawn with the same generator, against a double loop over
+    the resampled multisets (pairs of the same row excluded)."""
+    seed = 5
+    df = similarity(tiny, "mst_any", settings=GroupSettings(n_boot=1, seed=seed))
+    labels = [str(t) for t in range(1, 11)] + ["unknown"]
+    groups = _groups()
+    rng = np.random.default_rng(seed)
+    draws = {lab: resample_counts(rng, len(groups[lab]), 1)[0].astype(int) for lab in labels}
+    v = _unit(tiny)
+    for a, b in (("1", "2"), ("1", "1"), ("2", "3"), ("10", "1")):
+        bag_a = [i for i, w in zip(groups[a], draws[a]) for _ in range(w)]
+        bag_b = [j for j, w in zip(groups[b], draws[b]) for _ in range(w)]
+        pair = [float(v[i] @ v[j]) for i in bag_a for j in bag_b if i != j]
+        got = _value(df, "mean_pairwise_cosine", a, b)
+        assert got.ci_low == pytest.approx(np.mean(pair), abs=1e-5) and got.ci_high == got.ci_low
+        ma, mb = v[bag_a].mean(axis=0), v[bag_b].mean(axis=0)
+        cos = ma @ mb / np.linalg.norm(ma) / np.linalg.norm(mb)
+        assert _value(df, "centroid_cosine", a, b).ci_low == pytest.approx(cos, abs=1e-5)
+
+
+def test_bootstrap_is_deterministic_by_seed(tiny):
+    a = similarity(tiny, "mst_any", settings=GroupSettings(n_boot=100, seed=1))
+    b = similarity(tiny, "mst_any", settings=GroupSettings(n_boot=100, seed=1))
+    c = similarity(tiny, "mst_any", settings=GroupSettings(n_boot=100, seed=2))
+    pd.testing.assert_frame_equal(a, b)
+    assert not np.allclose(a.ci_low.fillna(0), c.ci_low.fillna(0))
+    n1 = neighbour_composition(tiny, "mst_any", settings=GroupSettings(k=3, n_boot=100, seed=1))
+    n2 = neighbour_composition(tiny, "mst_any", settings=GroupSettings(k=3, n_boot=100, seed=1))
+    pd.testing.assert_frame_equal(n1, n2)
+
+
+def test_neighbour_composition_matches_hand_count(tiny):
+    k = 3
+    df = neighbour_composition(tiny, "mst_any", settings=GroupSettings(k=k, n_boot=50))
+    v = _unit(tiny)
+    groups = _groups()
+    sims = v @ v.T
+    np.fill_diagonal(sims, -np.inf)
+    nbrs = np.argsort(-sims, axis=1)[:, :k]
+    for a, ga in groups.items():
+        for b, gb in groups.items():
+            row = _value(df, "neighbour_share", a, b)
+            if not ga:
+                assert np.isnan(row.value) and row.n_queries == 0
+                continue
+            want = np.mean([np.isin(nbrs[q], gb).mean() for q in ga])
+            assert row.value == pytest.approx(want, abs=1e-9)
+            assert row.base_rate == pytest.approx(len(gb) / 60)
+            ratio = _value(df, "neighbour_ratio", a, b)
+            if gb:
+                assert ratio.value == pytest.approx(want / (len(gb) / 60))
+                assert ratio.ci_low <= ratio.value + 1e-9 and ratio.ci_high >= ratio.value - 1e-9
+            else:
+                assert np.isnan(ratio.value)
+
+
+def test_neighbour_queries_are_capped_per_group(tiny):
+    df = neighbour_composition(tiny, "mst_any", settings=GroupSettings(k=3, n_boot=10, max_queries_per_group=5))
+    shares = df[df.metric == "neighbour_share"].drop_duplicates("group_a").set_index("group_a")
+    assert shares.n_queries["1"] == 5 and shares.n_queries["10"] == 1 and shares.n_queries["4"] == 0
+    assert (df.max_queries_per_group == 5).all()
+
+
+def test_neighbour_candidates_stay_in_population(tmp_path):
+    run_dir = write_synthetic_run(tmp_path / "run", 400, seed=2)
+    build_index(run_dir, BuildSettings(kind="flat"))
+    run = load_run(run_dir)
+    df = neighbour_composition(run, "mst_band", population="detections", settings=GroupSettings(k=5, n_boot=10))
+    # Unmatched detections (no person) are "unknown" in population all but absent here.
+    shares = df[df.metric == "neighbour_share"]
+    n_unknown = int((run.meta.matched & (run.meta.mst_band == "unknown")).sum())
+    assert (shares[shares.group_b == "unknown"].n_b == n_unknown).all()
+    assert np.allclose(shares.groupby("group_a").value.sum().dropna(), 1.0)
+
+
+def test_wilson_matches_known_values():
+    p, lo, hi = wilson(81, 263)  # Newcombe (1998): 0.2553 to 0.3662
+    assert (round(float(lo), 4), round(float(hi), 4)) == (0.2553, 0.3662)
+    for x, n in ((0, 10), (3, 7), (10, 10), (456, 1000)):
+        ci = binomtest(x, n).proportion_ci(method="wilson")
+        np.testing.assert_allclose(wilson(x, n)[1:], (ci.low, ci.high), atol=1e-12)
+    assert all(np.isnan(v) for v in wilson(0, 0))
+
+
+def test_newcombe_matches_published_examples():
+    # Newcombe (1998), method 10: 56/70 - 48/80 and 9/10 - 3/10.
+    d, lo, hi = newcombe_difference(56, 70, 48, 80)
+    assert (round(d, 4), round(float(lo), 4), round(float(hi), 4)) == (0.2, 0.0524, 0.3339)
+    d, lo, hi = newcombe_difference(9, 10, 3, 10)
+    assert (round(float(lo), 4), round(float(hi), 4)) == (0.1705, 0.8090)
+
+
+def _persons(groups: dict) -> SimpleNamespace:
+    rows = []
+    for tone, (n, detected) in groups.items():
+        rows += [{"mst_mode": tone, "evaluated": True, "detected": i < detected} for i in range(n)]
+    rows += [{"mst_mode": 1, "evaluated": False, "detected": False}] * 7  # failed image: never counted
+    return SimpleNamespace(persons=pd.DataFrame(rows).astype({"mst_mode": "Int8"}))
+
+
+def test_recall_per_group_and_gap():
+    run = _persons({1: (70, 56), 2: (80, 48), 10: (1, 1), None: (12, 9)})
+    df = detection_recall(run, "mst_mode", GroupSettings(min_group_size=30))
+    per = df[df.metric == "recall"].set_index("group_a")
+    assert per.loc["1", "n_a"] == 70 and per.loc["1", "detected_a"] == 56 and per.loc["1", "value"] == 0.8
+    assert per.loc["unknown", "n_a"] == 12 and per.loc["unknown", "value"] == 0.75
+    assert per.loc["5", "n_a"] == 0 and np.isnan(per.loc["5", "value"]) and bool(per.loc["5", "small_group"])
+    ci = binomtest(48, 80).proportion_ci(method="wilson")
+    assert (per.loc["2", "ci_low"], per.loc["2", "ci_high"]) == pytest.approx((ci.low, ci.high))
+    gap = df[df.metric == "recall_gap"].iloc[0]
+    # Best is the group of one (recall 1.0); worst is tone 2.
+    assert (gap.group_a, gap.group_b, gap.n_a, gap.n_b) == ("10", "2", 1, 80) and bool(gap.small_group)
+    two = detection_recall(_persons({1: (70, 56), 2: (80, 48)}), "mst_mode")
+    g = two[two.metric == "recall_gap"].iloc[0]
+    assert (g.group_a, g.group_b) == ("1", "2")
+    assert (round(g.value, 4), round(g.ci_low, 4), round(g.ci_high, 4)) == (0.2, 0.0524, 0.3339)
+
+
+def test_recall_gap_with_one_group_is_nan():
+    df = detection_recall(_persons({3: (5, 2)}), "mst_mode")
+    gap = df[df.metric == "recall_gap"].iloc[0]
+    assert np.isnan(gap.value) and gap.group_a == "" and gap.n_a == 0
+
+
+def test_recall_on_synthetic_run_counts_every_evaluated_person(tiny):
+    df = detection_recall(tiny, "mst_band")
+    per = df[df.metric == "recall"]
+    evaluated = tiny.persons.evaluated.sum()
+    assert per.n_a.sum() == evaluated and "unknown" in per.group_a.tolist()

@@ -1,0 +1,92 @@
+"""Run discovery, the manifest in words, and the one-click demo build."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+
+import index  # noqa: E402
+from ui import runs  # noqa: E402
+
+
+def test_runs_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "elsewhere"))
+    assert runs.runs_root() == (tmp_path / "elsewhere").resolve()
+    monkeypatch.delenv("RUNS_DIR")
+    assert runs.runs_root().name == "runs"
+
+
+def test_list_runs_sorts_out_what_is_usable(ui_demo, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(ui_demo.run_dir, root / "good")
+    shutil.copytree(ui_demo.run_dir, root / "noindex", ignore=shutil.ignore_patterns("index"))
+    (root / "broken").mkdir()
+    (root / "broken" / "manifest.json").write_text("{not json")
+    (root / "unfinished" / ".work").mkdir(parents=True)
+    (root / "notarun").mkdir()
+    entries = runs.list_runs(root)
+    assert [e.name for e in entries] == ["broken", "good", "noindex"]
+    by = {e.name: e for e in entries}
+    assert by["good"].usable and by["good"].index_kind == "flat"
+    assert not by["noindex"].index_built and by["noindex"].error is None
+    assert "unreadable" in by["broken"].error
+    assert runs.unfinished_runs(root) == ["unfinished"]
+    assert runs.default_run(entries).name == "good"
+    assert runs.find_run(entries, "../good") is None and runs.find_run(entries, "good") is by["good"]
+    table = runs.runs_table(entries)
+    assert table.set_index("run").loc["noindex", "index"] == "not built"
+    assert runs.list_runs(tmp_path / "absent") == []
+
+
+def test_describe_manifest_in_words(ui_demo):
+    manifest = json.loads((ui_demo.run_dir / "manifest.json").read_text())
+    text = dict(runs.describe_manifest(manifest))
+    assert runs.is_untrained(manifest)
+    assert "untrained" in text["Checkpoint"] and "160" in text["Preprocessing"]
+    assert "16 images, 0 failed" in text["Images"]
+    assert str(ui_demo.data_dir) in text["Dataset"]
+    assert runs.dataset_root(manifest) == ui_demo.data_dir.resolve()
+
+
+def test_describe_a_synthetic_run_without_model_details(tmp_path):
+    run_dir = index.write_synthetic_run(tmp_path / "syn", 300)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    text = dict(runs.describe_manifest(manifest))
+    assert "synthetic" in text["Checkpoint"] and runs.dataset_root(manifest) is None
+    assert "not recorded" in text["Dataset"]
+
+
+def test_stamp_changes_when_the_index_is_rebuilt(ui_demo, tmp_path):
+    run_dir = shutil.copytree(ui_demo.run_dir, tmp_path / "copy")
+    before = runs.run_stamp(run_dir)
+    os.utime(run_dir / "index" / "manifest.json", ns=(before[1] + 10**9, before[1] + 10**9))
+    assert runs.run_stamp(run_dir) != before
+    assert runs.run_stamp(tmp_path / "nothing") == (0, 0)
+
+
+def test_exclusive_lock(tmp_path):
+    with runs.exclusive(tmp_path / ".lock") as first:
+        assert first
+        with runs.exclusive(tmp_path / ".lock") as second:
+            assert not second
+    with runs.exclusive(tmp_path / ".lock") as again:
+        assert again
+
+
+def test_build_demo_reports_progress_and_opens(tmp_path):
+    seen = []
+    settings = runs.DemoSettings(n_images=4, min_size=128, max_size=160, shard_size=2)
+    run_dir = runs.build_demo(tmp_path / "runs", settings, progress=lambda f, text: seen.append((f, text)))
+    assert run_dir == tmp_path / "runs" / "demo" and (tmp_path / "data" / "demo" / "annotations.csv").is_file()
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert sum("extracting" in t for _, t in seen) >= 2  # one per shard
+    run = index.load_run(run_dir)
+    assert run.n > 0 and runs.is_untrained(run.manifest)
+    with runs.exclusive(tmp_path / "runs" / ".demo.lock"):
+        with pytest.raises(RuntimeError, match="another session"):
+            runs.build_demo(tmp_path / "runs", settings)

@@ -1,0 +1,4 @@
+"""Page script (see ui.views.overview)."""
+from ui.views.overview import render
+
+render()

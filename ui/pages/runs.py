@@ -1,0 +1,4 @@
+"""Page script (see ui.views.runs)."""
+from ui.views.runs import render
+
+render()
