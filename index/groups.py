@@ -144,25 +144,32 @@ def _cosines(gram: np.ndarray, same: np.ndarray, sizes: np.ndarray) -> tuple[np.
     return centroid, pairwise
 
 
-def _bootstrap_similarity(rng: np.random.Generator, n_boot: int, members: list[np.ndarray],
-                          Xg: list[np.ndarray], shared: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
-    """[n_boot, G, G] centroid and pairwise cosines of resamples within each group.
+def _bootstrap_similarity(rng: np.random.Generator, n_boot: int, M: np.ndarray,
+                          X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n_boot, G, G] centroid and pairwise cosines of stratified resamples.
 
-    A round's resampled sum of g is w @ X_g with w the draw counts; pairs of a row
-    with itself are removed: sum_i w_gi w_hi of them, each with cosine 1.
+    The strata are the membership patterns (the set of groups a row is in): a row in
+    two overlapping groups is drawn with one weight for both, as in the data, and
+    every group keeps its size. For an exclusive grouping this is resampling within
+    each group. A round's sum of g adds the resampled sums of g's patterns; the pairs
+    of a row with its own copies, w_i^2 of them with cosine 1, are removed.
     """
-    G = len(members)
-    sizes = np.array([len(m) for m in members])
+    G = M.shape[1]
+    sizes = M.sum(axis=0)
+    patterns, stratum = np.unique(M, axis=0, return_inverse=True)  # [P, G], [N]
+    order = np.argsort(stratum.ravel(), kind="stable")
+    bounds = np.searchsorted(stratum.ravel()[order], np.arange(len(patterns) + 1))
+    Xs = [X[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]  # rows of each pattern
+    Q = patterns.astype(np.float64)
     boot_c, boot_p = np.empty((n_boot, G, G)), np.empty((n_boot, G, G))
     with _one_blas_thread():
         for lo in range(0, n_boot, _BOOT_CHUNK):
             b = min(_BOOT_CHUNK, n_boot - lo)
-            W = [resample_counts(rng, len(m), b) for m in members]
-            Sb = np.stack([w @ x for w, x in zip(W, Xg)], axis=1).astype(np.float64)  # [b, G, d]
-            same = np.zeros((b, G, G))
-            same[:, np.arange(G), np.arange(G)] = np.stack([(w * w).sum(axis=1) for w in W], axis=1)
-            for g, h, ig, ih in shared:
-                same[:, g, h] = same[:, h, g] = (W[g][:, ig] * W[h][:, ih]).sum(axis=1)
+            W = [resample_counts(rng, len(x), b) for x in Xs]
+            Sp = np.stack([w @ x for w, x in zip(W, Xs)], axis=1).astype(np.float64)  # [b, P, d]
+            Sb = np.einsum("bpd,pg->bgd", Sp, Q)
+            sq = np.stack([(w.astype(np.float64) ** 2).sum(axis=1) for w in W], axis=1)  # [b, P]
+            same = np.einsum("bp,pg,ph->bgh", sq, Q, Q)
             boot_c[lo:lo + b], boot_p[lo:lo + b] = _cosines(Sb @ Sb.transpose(0, 2, 1), same, sizes)
     return boot_c, boot_p
 
@@ -171,24 +178,17 @@ def similarity(run: Run, by: str, population: str = "detections", settings: Grou
     """``centroid_cosine`` and ``mean_pairwise_cosine`` for every ordered pair of groups.
 
     Exact and linear in the rows: with unit vectors the sum of cosines over the pairs
-    of g x h is S_g . S_h minus one per row in both. Intervals: percentile bootstrap
-    resampling members within each group (``n_boot`` rounds, ``seed``).
+    of g x h is S_g . S_h minus one per row in both. Intervals: percentile bootstrap,
+    resampling rows within their membership pattern (``n_boot`` rounds, ``seed``).
     """
     rows = population_rows(run.meta, population)
     labels, M = membership(run.meta.iloc[rows], by)
     X = run.normalised(rows)
-    members = [np.flatnonzero(M[:, g]) for g in range(M.shape[1])]
-    sizes = np.array([len(m) for m in members])
-    Xg = [X[m] for m in members]
-    S = np.stack([x.sum(axis=0, dtype=np.float64) for x in Xg])
+    sizes = M.sum(axis=0)
+    S = np.stack([X[M[:, g]].sum(axis=0, dtype=np.float64) for g in range(M.shape[1])])
     overlap = (M.T.astype(np.int64) @ M.astype(np.int64)).astype(np.float64)  # integer: no BLAS
     centroid, pairwise = _cosines(S @ S.T, overlap, sizes)
-
-    G = len(labels)
-    # Rows in two groups: their positions in each, for the self-pair correction.
-    shared = [(g, h, *np.intersect1d(members[g], members[h], assume_unique=True, return_indices=True)[1:])
-              for g in range(G) for h in range(g + 1, G) if overlap[g, h] > 0]
-    boot_c, boot_p = _bootstrap_similarity(np.random.default_rng(settings.seed), settings.n_boot, members, Xg, shared)
+    boot_c, boot_p = _bootstrap_similarity(np.random.default_rng(settings.seed), settings.n_boot, M, X)
 
     params = dict(grouping=by, population=population, n_boot=settings.n_boot, seed=settings.seed,
                   min_group_size=settings.min_group_size)

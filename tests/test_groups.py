@@ -114,23 +114,39 @@ def test_group_of_one_and_empty_group(tiny):
 
 def test_bootstrap_round_matches_explicit_resample(tiny):
     """One bootstrap round, redrawn with the same generator, against a double loop over
-    the resampled multisets (pairs of the same row excluded)."""
+    the resampled multisets (pairs of the same row excluded). Rows are drawn within
+    their membership pattern, so rows 10-19 (tones 1 and 2) carry one weight in both."""
     seed = 5
     df = similarity(tiny, "mst_any", settings=GroupSettings(n_boot=1, seed=seed))
-    labels = [str(t) for t in range(1, 11)] + ["unknown"]
-    groups = _groups()
+    _, M = membership(tiny.meta, "mst_any")
+    patterns, stratum = np.unique(M, axis=0, return_inverse=True)
     rng = np.random.default_rng(seed)
-    draws = {lab: resample_counts(rng, len(groups[lab]), 1)[0].astype(int) for lab in labels}
+    weight = np.zeros(60, dtype=int)
+    for p in range(len(patterns)):
+        rows = np.flatnonzero(stratum.ravel() == p)
+        weight[rows] = resample_counts(rng, len(rows), 1)[0].astype(int)
+    assert weight[0:10].sum() == 10 and weight[10:20].sum() == 10 and weight[40] == 1
+    groups = _groups()
     v = _unit(tiny)
     for a, b in (("1", "2"), ("1", "1"), ("2", "3"), ("10", "1")):
-        bag_a = [i for i, w in zip(groups[a], draws[a]) for _ in range(w)]
-        bag_b = [j for j, w in zip(groups[b], draws[b]) for _ in range(w)]
+        bag_a = [i for i in groups[a] for _ in range(weight[i])]
+        bag_b = [j for j in groups[b] for _ in range(weight[j])]
         pair = [float(v[i] @ v[j]) for i in bag_a for j in bag_b if i != j]
         got = _value(df, "mean_pairwise_cosine", a, b)
         assert got.ci_low == pytest.approx(np.mean(pair), abs=1e-5) and got.ci_high == got.ci_low
         ma, mb = v[bag_a].mean(axis=0), v[bag_b].mean(axis=0)
         cos = ma @ mb / np.linalg.norm(ma) / np.linalg.norm(mb)
         assert _value(df, "centroid_cosine", a, b).ci_low == pytest.approx(cos, abs=1e-5)
+
+
+def test_groups_with_the_same_members_stay_identical_in_every_round(tiny):
+    meta = tiny.meta.copy()
+    meta["mst_any_4"] = meta["mst_any_3"]
+    twin = SimpleNamespace(meta=meta, normalised=tiny.normalised)
+    df = similarity(twin, "mst_any", settings=GroupSettings(n_boot=200))
+    row = _value(df, "centroid_cosine", "3", "4")
+    assert row.value == pytest.approx(1.0) and row.ci_low == pytest.approx(1.0) and row.ci_high == pytest.approx(1.0)
+    assert _value(df, "mean_pairwise_cosine", "3", "4").ci_low == pytest.approx(_value(df, "mean_pairwise_cosine", "3", "3").ci_low)
 
 
 def test_bootstrap_is_deterministic_by_seed(tiny):

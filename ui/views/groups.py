@@ -80,6 +80,8 @@ def _embedding_readouts(key: tuple, by: str, population: str, settings: index.Gr
                       width="stretch", key="grp_centroid")
     right.plotly_chart(figures.pair_heatmap(sim, "mean_pairwise_cosine", "Mean pairwise cosine"),
                        width="stretch", key="grp_pairwise")
+    st.caption("The cosine of two group means is biased low for small groups, more so in a bootstrap resample, "
+               "so it can sit above its interval there; the mean pairwise cosine has no such bias.")
     _download(sim, "similarity", params)
 
     nb = app.readout(key, by, "neighbours", population, settings)
