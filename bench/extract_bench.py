@@ -1,6 +1,7 @@
 """Extraction speed: the plain official path against the project's `extractor run` path.
 
     python bench/extract_bench.py [--images 16] [--levers] [--workdir /tmp/extract_bench]
+                                  [--device auto|cpu|cuda] [--batch-size N] [--precision P]
 
 Writes FACET-sized JPEGs with annotated persons (the synthetic demo scenes upscaled to
 a 1500-pixel shorter side, with sensor-like noise so they compress like photographs) and
@@ -17,7 +18,9 @@ between the query embeddings of the same (image, query), max |score difference|,
 whether the kept and matched sets at the threshold are the same (a flip only counts as
 allowed when the plain score is within 0.01 of the threshold). The threshold is chosen
 from (a)'s scores so that the plain path keeps about three queries per image. With
-``--levers`` it also times the model alone under each speed lever.
+``--levers`` it also times the model alone under each speed lever (CPU).
+``--device``, ``--batch-size`` and ``--precision`` are passed to (b), and (a) runs on
+the same device; on a GPU the default picks bf16 autocast and batches of 16.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from extractor.checkpoints import seeded_state_dict  # noqa: E402
 from extractor.demo import write_demo  # noqa: E402
 from extractor.detr import build_detr, fold_frozen_batchnorm  # noqa: E402
 from extractor.fastpath import optimise_for_inference  # noqa: E402
+from extractor.infer import resolve_device  # noqa: E402
 from extractor.matching import cxcywh_to_xyxy_pixels, match_image  # noqa: E402
 from extractor.pipeline import run_extraction  # noqa: E402
 from extractor.preprocess import IMAGENET_MEAN, IMAGENET_STD, collate, load_prepared, target_size  # noqa: E402
@@ -79,20 +83,20 @@ def write_dataset(root: Path, n_images: int, seed: int) -> Path:
     return root
 
 
-def plain_path(model: torch.nn.Module, paths: list[Path]) -> tuple[float, dict[str, dict]]:
+def plain_path(model: torch.nn.Module, paths: list[Path], device: str = "cpu") -> tuple[float, dict[str, dict]]:
     """(seconds, per file name: scores [Q], boxes [Q,4] cxcywh, embeddings [Q,256], size)."""
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
     out: dict[str, dict] = {}
     t0 = time.perf_counter()
     for path in paths:
         img = Image.open(path).convert("RGB")
         img = img.resize(target_size(img.width, img.height, 800, 1333), Image.BILINEAR)
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255).sub(mean).div(std)[None]
+        x = torch.from_numpy(np.array(img)).to(device).permute(2, 0, 1).float().div(255).sub(mean).div(std)[None]
         with torch.no_grad():
-            o = model(x)
-        out[path.name] = {"scores": o["pred_logits"][0].softmax(-1)[:, 1].numpy(),
-                          "boxes": o["pred_boxes"][0].numpy(), "emb": o["query_embeddings"][0].numpy(),
+            o = {k: v[0].float().cpu() for k, v in model(x).items()}  # .cpu() waits for the GPU
+        out[path.name] = {"scores": o["pred_logits"].softmax(-1)[:, 1].numpy(),
+                          "boxes": o["pred_boxes"].numpy(), "emb": o["query_embeddings"].numpy(),
                           "size": Image.open(path).size}
     return time.perf_counter() - t0, out
 
@@ -202,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=16, help="number of FACET-sized images (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes and of the weights")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/extract_bench"), help="scratch directory")
-    p.add_argument("--levers", action="store_true", help="also time the model alone under each lever")
+    p.add_argument("--levers", action="store_true", help="also time the model alone under each lever (CPU)")
+    p.add_argument("--device", default="auto", help="device of both paths: auto (CUDA when available), cpu, cuda")
+    p.add_argument("--batch-size", type=int, default=0, help="batch size of (b); 0: the extractor's auto")
+    p.add_argument("--precision", default="auto", help="precision of (b): auto, fp32, bf16, fp16")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -216,14 +223,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(q.stat().st_size for q in paths) / len(paths) / 1e3:.0f} kB each; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    model = build_and_load(sd)
-    plain_path(model, paths[:1])                      # warm-up: oneDNN primitives, allocator
-    t_a, plain = plain_path(model, paths)
+    device = resolve_device(args.device)
+    model = build_and_load(sd).to(device)
+    plain_path(model, paths[:1], device)              # warm-up: oneDNN primitives / CUDA context, allocator
+    t_a, plain = plain_path(model, paths, device)
     threshold = pick_threshold(plain)
 
-    warm = ExtractSettings(data=data, out=args.workdir / "warm", checkpoint=str(ckpt), threshold=threshold, limit=2)
-    run_extraction(warm)                              # same warm-up for (b)
-    settings = ExtractSettings(data=data, out=args.workdir / "run", checkpoint=str(ckpt), threshold=threshold)
+    common = dict(data=data, checkpoint=str(ckpt), threshold=threshold, device=device,
+                  batch_size=args.batch_size, precision=args.precision)
+    run_extraction(ExtractSettings(out=args.workdir / "warm", limit=2, **common))  # same warm-up for (b)
+    settings = ExtractSettings(out=args.workdir / "run", **common)
     t0 = time.perf_counter()
     result = run_extraction(settings)
     t_b = time.perf_counter() - t0
@@ -252,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{agree['matched_same']}")
     print(f"storage: {total_bytes / max(agree['rows'], 1):.0f} bytes per kept row "
           f"({agree['rows']} rows: {sizes})")
-    if args.levers:
+    if args.levers and device == "cpu":
         print("\n| lever (model only, one 800-px image) | s/image | speed-up |")
         print("| --- | --- | --- |")
         rows = levers(sd, paths[0])
