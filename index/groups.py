@@ -144,31 +144,37 @@ def _cosines(gram: np.ndarray, same: np.ndarray, sizes: np.ndarray) -> tuple[np.
     return centroid, pairwise
 
 
-def _bootstrap_similarity(rng: np.random.Generator, n_boot: int, M: np.ndarray,
-                          X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[n_boot, G, G] centroid and pairwise cosines of stratified resamples.
+def _strata(M: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Membership patterns Q [P, G] (float64, the set of groups a row is in) and the
+    unit vectors of each pattern's rows [n_p, d]; P = 0 for an empty population."""
+    patterns, stratum = np.unique(M, axis=0, return_inverse=True)
+    stratum = stratum.ravel()  # some numpy 2 releases return it as [N, 1] with axis=0
+    order = np.argsort(stratum, kind="stable")
+    counts = np.bincount(stratum, minlength=len(patterns))
+    return patterns.astype(np.float64), [X[order[e - c:e]] for e, c in zip(np.cumsum(counts), counts)]
 
-    The strata are the membership patterns (the set of groups a row is in): a row in
-    two overlapping groups is drawn with one weight for both, as in the data, and
-    every group keeps its size. For an exclusive grouping this is resampling within
+
+def _bootstrap_similarity(rng: np.random.Generator, n_boot: int, Q: np.ndarray, Xs: list[np.ndarray],
+                          sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n_boot, G, G] centroid and pairwise cosines of resamples within each membership
+    pattern (``_strata``).
+
+    A row in two overlapping groups is drawn with one weight for both, as in the data,
+    and every group keeps its size; for an exclusive grouping this is resampling within
     each group. A round's sum of g adds the resampled sums of g's patterns; the pairs
     of a row with its own copies, w_i^2 of them with cosine 1, are removed.
     """
-    G = M.shape[1]
-    sizes = M.sum(axis=0)
-    patterns, stratum = np.unique(M, axis=0, return_inverse=True)  # [P, G], [N]
-    order = np.argsort(stratum.ravel(), kind="stable")
-    bounds = np.searchsorted(stratum.ravel()[order], np.arange(len(patterns) + 1))
-    Xs = [X[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]  # rows of each pattern
-    Q = patterns.astype(np.float64)
+    (P, G), d = Q.shape, (Xs[0].shape[1] if Xs else 0)
     boot_c, boot_p = np.empty((n_boot, G, G)), np.empty((n_boot, G, G))
     with _one_blas_thread():
         for lo in range(0, n_boot, _BOOT_CHUNK):
             b = min(_BOOT_CHUNK, n_boot - lo)
-            W = [resample_counts(rng, len(x), b) for x in Xs]
-            Sp = np.stack([w @ x for w, x in zip(W, Xs)], axis=1).astype(np.float64)  # [b, P, d]
+            Sp, sq = np.zeros((b, P, d)), np.zeros((b, P))  # resampled sums and sum of w^2 per pattern
+            for p, x in enumerate(Xs):
+                w = resample_counts(rng, len(x), b)
+                Sp[:, p] = w @ x
+                sq[:, p] = (w.astype(np.float64) ** 2).sum(axis=1)
             Sb = np.einsum("bpd,pg->bgd", Sp, Q)
-            sq = np.stack([(w.astype(np.float64) ** 2).sum(axis=1) for w in W], axis=1)  # [b, P]
             same = np.einsum("bp,pg,ph->bgh", sq, Q, Q)
             boot_c[lo:lo + b], boot_p[lo:lo + b] = _cosines(Sb @ Sb.transpose(0, 2, 1), same, sizes)
     return boot_c, boot_p
@@ -185,10 +191,11 @@ def similarity(run: Run, by: str, population: str = "detections", settings: Grou
     labels, M = membership(run.meta.iloc[rows], by)
     X = run.normalised(rows)
     sizes = M.sum(axis=0)
-    S = np.stack([X[M[:, g]].sum(axis=0, dtype=np.float64) for g in range(M.shape[1])])
+    Q, Xs = _strata(M, X)
+    S = Q.T @ np.array([x.sum(axis=0, dtype=np.float64) for x in Xs]).reshape(len(Xs), X.shape[1])  # [G, d]
     overlap = (M.T.astype(np.int64) @ M.astype(np.int64)).astype(np.float64)  # integer: no BLAS
     centroid, pairwise = _cosines(S @ S.T, overlap, sizes)
-    boot_c, boot_p = _bootstrap_similarity(np.random.default_rng(settings.seed), settings.n_boot, M, X)
+    boot_c, boot_p = _bootstrap_similarity(np.random.default_rng(settings.seed), settings.n_boot, Q, Xs, sizes)
 
     params = dict(grouping=by, population=population, n_boot=settings.n_boot, seed=settings.seed,
                   min_group_size=settings.min_group_size)

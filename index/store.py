@@ -179,7 +179,7 @@ class Run:
             return D, I
         bitmap = allowed.bitmap  # the selector points into it: keep it referenced here
         exact = self.kind == "flat" or (bitmap is not None and n_allowed <= _EXACT_ALLOWED_MAX)
-        if exact and (nq >= _SMALL_BATCH or (self.kind == "flat" and bitmap is None)):
+        if exact and (nq >= _SMALL_BATCH or bitmap is None):  # unfiltered exact = flat: see _SMALL_BATCH
             rows = None if bitmap is None else np.flatnonzero(allowed.mask)
             D[:, :kk], I[:, :kk] = self._exact_batch(xn, kk, rows)
             return D, I

@@ -1,6 +1,7 @@
 """Group read-outs checked against hand computations on tiny fixtures."""
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -258,3 +259,13 @@ def test_recall_on_synthetic_run_counts_every_evaluated_person(tiny):
     per = df[df.metric == "recall"]
     evaluated = tiny.persons.evaluated.sum()
     assert per.n_a.sum() == evaluated and "unknown" in per.group_a.tolist()
+
+
+def test_empty_population_gives_rows_with_n_zero(tiny):
+    """Untrained weights match nobody: the detections population is empty, and every
+    read-out still reports each pair of groups with n = 0 instead of failing."""
+    nobody = copy.copy(tiny)
+    nobody.meta = tiny.meta.assign(matched=False)
+    for df in (similarity(nobody, "mst_any", settings=GroupSettings(n_boot=20)),
+               neighbour_composition(nobody, "mst_any", settings=GroupSettings(n_boot=20, k=3))):
+        assert len(df) and (df.n_a == 0).all() and df.value.isna().all()
