@@ -53,7 +53,7 @@ def mean_readout(groups: Groups, values: np.ndarray, image_ids: np.ndarray, metr
     small = n < min_group_size
     ok = eligible(groups, n, min_group_size, include_unknown, include_small)
     rows: dict[str, list] = {k: [] for k in (
-        "group_a", "group_b", "metric", "value", "ci_low", "ci_high", "p_value", "p_holm", "n_a", "n_b",
+        "group_a", "group_b", "metric", "value", "ci_low", "ci_high", "n_a", "n_b", "p_value", "p_holm",
         "n_images_a", "n_images_b", "design_effect", "small_group", "in_family", "family_size")}
 
     def add(**kw: object) -> None:

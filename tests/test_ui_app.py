@@ -110,6 +110,21 @@ def test_group_comparison_grouping_changes_the_matrix(ui_runs_env):
     _no_exception(at)
 
 
+def test_group_comparison_cells_and_where(ui_runs_env):
+    at = _app("groups")
+    at.selectbox(key="grp_by2").set_value("lighting").run()
+    _no_exception(at)
+    titles = [c["layout"]["title"]["text"] for c in _charts(at)]
+    assert any(t.startswith("recall by mst_band and lighting") for t in titles)
+    cells = next(c for c in _charts(at) if c["layout"]["title"]["text"].startswith("recall by"))["data"][0]
+    assert cells["type"] == "heatmap" and "design effect" in cells["hovertemplate"]
+    assert any("Pairwise disparities" in e.label for e in at.expander)
+    at.text_input(key="grp_where").set_value("class1 == 'nobody'").run()
+    _no_exception(at)
+    at.text_input(key="grp_where").set_value("no_such_column > 1").run()
+    assert any("unknown column" in e.value for e in at.error)
+
+
 def test_similar_from_a_run_image_and_filters(ui_runs_env):
     at = _app("similar")
     at.radio(key="sim_source").set_value("An image of this run").run()

@@ -108,19 +108,21 @@ def run_key(run: index.Run) -> tuple[str, tuple[int, int]]:
 
 # ------------------------------------------------------------------ cached read-outs
 @st.cache_data(max_entries=64, show_spinner="Computing the read-out (bootstrap intervals)…")
-def compare(key: tuple[str, tuple[int, int]], by: str, metric: str, population: str | None,
-            settings: index.GroupSettings) -> pd.DataFrame:
+def compare(key: tuple[str, tuple[int, int]], by: str | tuple[str, ...], metric: str, population: str | None,
+            settings: index.GroupSettings, where: str | None = None) -> pd.DataFrame:
     """``index.compare`` cached by run content and parameters (switching back is instant)."""
-    return index.compare(_open_run(*key), by, metric, population, settings)
+    return index.compare(_open_run(*key), list(by) if isinstance(by, tuple) else by, metric, population, settings,
+                         where=where)
 
 
-def readout(key: tuple[str, tuple[int, int]], by: str, metric: str, population: str | None,
-            settings: index.GroupSettings) -> pd.DataFrame | None:
+def readout(key: tuple[str, tuple[int, int]], by: str | tuple[str, ...], metric: str, population: str | None,
+            settings: index.GroupSettings, where: str | None = None) -> pd.DataFrame | None:
     """``compare`` for a page: a read-out that cannot be computed is one line of error, not a traceback."""
     try:
-        return compare(key, by, metric, population, settings)
+        return compare(key, by, metric, population, settings, where)
     except (ValueError, OSError) as exc:
-        st.error(f"The {metric} read-out by {by} cannot be computed: {exc}")
+        name = " x ".join(by) if isinstance(by, tuple) else by
+        st.error(f"The {metric} read-out by {name} cannot be computed: {exc}")
         return None
 
 
