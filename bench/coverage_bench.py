@@ -27,7 +27,7 @@ from index.groupings import Groups
 
 
 def speed(repeats: int = 3) -> pd.DataFrame:
-    from index.groups import _similarity_statistic
+    from index.groups import similarity_statistic
     rng = np.random.default_rng(0)
     rows = []
     N, n_img, G = 50_000, 32_000, 11
@@ -50,7 +50,7 @@ def speed(repeats: int = 3) -> pd.DataFrame:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        stat, value = _similarity_statistic(M, X, inv)
+        stat, value = similarity_statistic(M, X, inv)
         resample(stat, uniq, BootSettings(n_boot=1000), value=value)
         times.append(time.perf_counter() - t)
     rows.append({"read-out": "similarity (3 cosines)", "rows": N, "images": n_img, "groups": G, "n_boot": 1000,

@@ -126,13 +126,13 @@ def similarity_coverage(mixture: PlantedMixture = PlantedMixture(), reps: int = 
                         seed: int = 0) -> pd.DataFrame:
     """Coverage of the 95% intervals of ``centroid_cosine`` and ``corrected_cosine``
     between the two planted groups (both estimate the population means' cosine)."""
-    from index.groups import SIMILARITY_METRICS, _similarity_statistic
+    from index.groups import SIMILARITY_METRICS, similarity_statistic
     truth = mixture.truth()
     hits, bias = np.zeros(3), np.zeros(3)
     for r in range(reps):
         x, M, image = mixture.draw(np.random.default_rng([seed, r]))
         uniq, inv = image_index(image)
-        stat, value = _similarity_statistic(M, x, inv)
+        stat, value = similarity_statistic(M, x, inv)
         value, boot, jack = resample(stat, uniq, BootSettings(n_boot=n_boot, seed=r), value=value)
         lo, hi = bca_interval(value, boot, jack)
         hits += (lo[:, 0, 1] <= truth) & (truth <= hi[:, 0, 1])

@@ -111,7 +111,7 @@ def _patterns(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return M[first].astype(np.float64), stratum.ravel()
 
 
-def _similarity_statistic(M: np.ndarray, X: np.ndarray, inv: np.ndarray):
+def similarity_statistic(M: np.ndarray, X: np.ndarray, inv: np.ndarray):
     """(statistic, value): statistic(W [b, n_images]) -> [b, 3, G, G] (centroid, pairwise,
     corrected cosines) of the rows weighted by their image's weight; value [3, G, G] the
     same for the data, exactly (float64).
@@ -169,7 +169,7 @@ def similarity(run: Run, by: str | Sequence[str], population: str = "detections"
     groups = groups_of(run.meta.iloc[rows], by)
     sizes = groups.M.sum(axis=0)
     uniq, inv = image_index(run.meta["image_id"].to_numpy()[rows])
-    stat, value = _similarity_statistic(groups.M, run.normalised(rows), inv)
+    stat, value = similarity_statistic(groups.M, run.normalised(rows), inv)
     value, boot, jack = resample(stat, uniq, settings.boot, value=value)
     lo, hi = bca_interval(value, boot, jack)
     params = _params(groups, population, where, settings)

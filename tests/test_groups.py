@@ -11,7 +11,7 @@ from scipy.stats import binomtest
 
 from index import GROUPINGS, BuildSettings, GroupSettings, build_index, load_run, membership, write_synthetic_run
 from index.groups import detection_recall, neighbour_composition, similarity
-from index.stats import newcombe_difference, resample_counts, wilson
+from index.stats import newcombe_difference, wilson
 
 # Tiny fixture: 60 rows, all matched. mst_any: tone 1 = rows 0-19, tone 2 = rows 10-29
 # (overlapping tone 1), tone 3 = rows 30-39, tone 10 = row 40 alone, tones 4-9 empty,
