@@ -141,7 +141,7 @@ def resample(statistic: Callable[[np.ndarray], np.ndarray], uniq: np.ndarray,
 # --- intervals and tests ---------------------------------------------------------------
 
 def _share_below(boot: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    finite = np.isfinite(boot)
+    finite = ~np.isnan(boot)  # +-inf rounds (a ratio over a zero) are ordered values, NaN rounds are left out
     k = finite.sum(axis=0)
     with np.errstate(invalid="ignore"):
         below = ((boot < value) & finite).sum(axis=0) + 0.5 * ((boot == value) & finite).sum(axis=0)
@@ -155,6 +155,7 @@ def acceleration(jack: np.ndarray) -> np.ndarray:
     """BCa acceleration from leave-one-image-out values jack [n_images, ...] (NaN skipped)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        jack = np.where(np.isfinite(jack), jack, np.nan)
         d = np.nanmean(jack, axis=0) - jack
         num, den = np.nansum(d ** 3, axis=0), 6 * np.nansum(d ** 2, axis=0) ** 1.5
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -162,15 +163,15 @@ def acceleration(jack: np.ndarray) -> np.ndarray:
 
 
 def _quantiles(boot: np.ndarray, q: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Per-element linear-interpolated quantile q [...] of the k finite rounds."""
-    srt = np.sort(np.where(np.isfinite(boot), boot, np.inf), axis=0)  # finite first
+    """Per-element linear-interpolated quantile q [...] of the k non-NaN rounds."""
+    srt = np.sort(boot, axis=0)  # NaN sort last
     pos = np.clip(q, 0, 1) * np.maximum(k - 1, 0)
     lo = np.floor(pos).astype(np.int64)
     hi = np.minimum(lo + 1, np.maximum(k - 1, 0))
     a = np.take_along_axis(srt, lo[None], 0)[0]
     b = np.take_along_axis(srt, hi[None], 0)[0]
     with np.errstate(invalid="ignore"):
-        out = np.where(hi > lo, a + (pos - lo) * (b - a), a)
+        out = np.where((hi > lo) & (a != b), a + (pos - lo) * (b - a), a)
     return np.where(k > 0, out, np.nan)
 
 

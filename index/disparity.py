@@ -71,7 +71,8 @@ def mean_readout(groups: Groups, values: np.ndarray, image_ids: np.ndarray, metr
     with np.errstate(invalid="ignore", divide="ignore"):
         diff = estimate(value[a] - value[b], res.boot[:, a, 0] - res.boot[:, b, 0],
                         res.jack[:, a, 0] - res.jack[:, b, 0], boot.level)
-        ratio = estimate(value[a] / value[b], res.boot[:, a, 0] / res.boot[:, b, 0],
+        # A ratio over a zero is undefined on the data (NaN) but an ordered +inf in a round.
+        ratio = estimate(np.where(value[b] != 0, value[a] / value[b], np.nan), res.boot[:, a, 0] / res.boot[:, b, 0],
                          res.jack[:, a, 0] / res.jack[:, b, 0], boot.level, null=1.0)
     p_holm = np.full(P, np.nan)
     p_holm[fam] = holm(diff.p_value[fam])

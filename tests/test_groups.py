@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import binomtest
 
 from index import GROUPINGS, BuildSettings, GroupSettings, build_index, load_run, membership, write_synthetic_run
-from index.groups import detection_recall, neighbour_composition, similarity
+from index.groups import compare, detection_recall, neighbour_composition, similarity
 from index.stats import newcombe_difference, wilson
 
 # Tiny fixture: 60 rows, all matched. mst_any: tone 1 = rows 0-19, tone 2 = rows 10-29
@@ -320,3 +320,26 @@ def test_empty_population_gives_rows_with_n_zero(tiny):
     for df in (similarity(nobody, "mst_any", settings=GroupSettings(n_boot=20)),
                neighbour_composition(nobody, "mst_any", settings=GroupSettings(n_boot=20, k=3))):
         assert len(df) and (df.n_a == 0).all() and df.value.isna().all()
+
+
+@pytest.mark.parametrize("by", ["mst_any", ["mst_band", "lighting"]])
+def test_every_interval_contains_its_estimate(tiny, by):
+    s = GroupSettings(k=3, n_boot=100, min_group_size=2)
+    for metric in ("similarity", "neighbours", "recall"):
+        df = compare(tiny, by, metric, settings=s)
+        v = df.dropna(subset=["value"])
+        assert len(v) and ((v.ci_low <= v.value) & (v.value <= v.ci_high)).all(), metric
+        assert (df.rule == ("overlapping")).all()
+
+
+def test_where_restricts_every_readout(tiny):
+    s = GroupSettings(k=3, n_boot=20)
+    where = "class1 in ['doctor', 'nurse', 'chef']"
+    keep = tiny.meta.eval(where).to_numpy()
+    sim = compare(tiny, "mst_band", "similarity", settings=s, where=where)
+    assert (sim["where"] == where).all()
+    n = sim[(sim.metric == "centroid_cosine") & (sim.group_a == sim.group_b)].n_a.sum()
+    assert n == (keep & tiny.meta.matched.to_numpy()).sum()
+    rec = compare(tiny, "mst_band", "recall", settings=s, where=where)
+    persons = tiny.persons[tiny.persons.evaluated & tiny.persons.eval(where)]
+    assert rec[rec.metric == "recall"].n_a.sum() == len(persons)
