@@ -12,12 +12,13 @@ from typing import Callable, Iterator
 import pandas as pd
 
 from extractor import rundir
+from index import build as index_build
 from extractor.rundir import INDEX_DIR, MANIFEST, WORK_DIR
 
 log = logging.getLogger(__name__)
 
 RUNS_ENV = "RUNS_DIR"
-INDEX_MANIFEST = Path(INDEX_DIR) / "manifest.json"
+INDEX_MANIFEST = Path(INDEX_DIR) / index_build.INDEX_MANIFEST
 DEMO_NAME = "demo"
 
 # The README's commands, shown when there is no run yet.
