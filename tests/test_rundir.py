@@ -2,11 +2,9 @@
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from extractor.pipeline import run_extraction
 from extractor.rundir import schema
 from extractor.settings import ExtractSettings
 from index import load_run
+from kill import kill_after_shards
 from index.build import build_index
 from index.synthetic import write_synthetic_run
 
@@ -167,17 +166,7 @@ def test_sigkill_then_dataset_change_then_resume_equals_a_clean_run(demo, tmp_pa
     good_bytes = broken.read_bytes()
     broken.write_bytes(b"not a jpeg")  # unreadable when the run starts
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "extractor", "run", "--data", str(data), *SMALL, "--out", str(killed)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shards = killed / rundir.WORK_DIR / "shards"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if shards.is_dir() and len([p for p in shards.iterdir() if p.name.startswith("shard-")]) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "extraction finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_shards(["run", "--data", str(data), *SMALL], killed)
 
     broken.write_bytes(good_bytes)   # made readable
     deleted.unlink()                 # removed
