@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--images", type=int, default=120, help="number of scenes (default 120)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same files")
     d.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    m = sub.add_parser("migrate", help="bring a run of an older schema version to the current one",
+                       description="Rewrite RUN in the current run schema version, keeping its tables and "
+                                   "embeddings (cheap). Runs that cannot be migrated say so: extract them again.")
+    m.add_argument("run", type=Path, help="run directory to migrate in place")
+    m.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -83,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import write_demo
             summary = write_demo(args.out, n_images=args.images, seed=args.seed)
             print(f"wrote {summary.n_images} images with {summary.n_persons} persons to {summary.root}")
+            return 0
+        if args.command == "migrate":
+            from .rundir.migrate import migrate_run
+            migrated = migrate_run(args.run)
+            print(f"migrated {args.run} to run schema version {migrated.schema_version} (tables and embeddings "
+                  "kept; the detection audit needs the per-query predictions of a new extraction)")
             return 0
         from .pipeline import run_extraction
         from .settings import ExtractSettings

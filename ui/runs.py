@@ -11,12 +11,14 @@ from typing import Callable, Iterator
 
 import pandas as pd
 
+from extractor import rundir
+from index import build as index_build
 from extractor.rundir import INDEX_DIR, MANIFEST, WORK_DIR
 
 log = logging.getLogger(__name__)
 
 RUNS_ENV = "RUNS_DIR"
-INDEX_MANIFEST = Path(INDEX_DIR) / "manifest.json"
+INDEX_MANIFEST = Path(INDEX_DIR) / index_build.INDEX_MANIFEST
 DEMO_NAME = "demo"
 
 # The README's commands, shown when there is no run yet.
@@ -69,7 +71,10 @@ def list_runs(root: Path) -> list[RunEntry]:
         return []
     out = []
     for path in sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()):
-        manifest, error = _read_json(path / MANIFEST)
+        try:
+            manifest, error = rundir.load_manifest(path).to_json(), None
+        except ValueError as exc:  # unreadable, or another schema version: say what to do
+            manifest, error = _read_json(path / MANIFEST)[0], str(exc)
         if error is None and manifest.get("status", "complete") != "complete":
             error = f"the run is not complete (status {manifest.get('status')!r})"
         index_doc, index_error = _read_json(path / INDEX_MANIFEST) if (path / INDEX_MANIFEST).is_file() else ({}, "")
