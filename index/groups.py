@@ -14,6 +14,7 @@ nobody carry no attributes and so fall in ``unknown`` (``no`` for a
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -225,12 +226,18 @@ def neighbour_composition(run: Run, by: str | Sequence[str], population: str = "
 
     value, boot, jack = resample(statistic, uniq, settings.boot)
     lo, hi = bca_interval(value, boot, jack)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    nq = Mq.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         base = M.sum(axis=0) / N if N else np.full(G, np.nan)
+        # Independent queries: s^2 / n_q of the per-query shares of each (g, h).
+        s2 = (Mf.T @ share_q ** 2) / nq[:, None] - value[0] ** 2
+        deff = np.nanvar(boot[:, 0], axis=0, ddof=1) / (np.maximum(s2, 0) / nq[:, None])
+    deff = np.where(np.isfinite(deff), deff, np.nan)
     params = _params(groups, population, where, settings, k=settings.k, max_queries_per_group=cap,
                      same_image_neighbours=settings.same_image_neighbours,
-                     n_queries=np.repeat(Mq.sum(axis=0), G).reshape(G, G), base_rate=np.tile(base, (G, 1)),
-                     share=value[0])
+                     n_queries=np.repeat(nq, G).reshape(G, G), base_rate=np.tile(base, (G, 1)),
+                     share=value[0], design_effect=deff)
     sizes = M.sum(axis=0)
     return pd.concat([
         _pairs_frame(groups, sizes, "neighbour_share", value[0], lo[0], hi[0], settings.min_group_size, **params),

@@ -206,6 +206,13 @@ def test_neighbour_composition_matches_hand_count(tiny):
                 assert np.isnan(ratio.value)
 
 
+def test_neighbour_design_effect_over_independent_queries(tiny):
+    df = neighbour_composition(tiny, "mst_band", settings=GroupSettings(k=3, n_boot=400))
+    row = _value(df, "neighbour_share", "lighter", "medium")
+    assert np.isfinite(row.design_effect) and 0.2 < row.design_effect < 10
+    assert (df[df.metric == "neighbour_share"].design_effect.dropna() >= 0).all()
+
+
 def test_neighbour_queries_are_capped_per_group(tiny):
     df = neighbour_composition(tiny, "mst_any", settings=GroupSettings(k=3, n_boot=10, max_queries_per_group=5))
     shares = df[df.metric == "neighbour_share"].drop_duplicates("group_a").set_index("group_a")
