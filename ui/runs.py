@@ -167,6 +167,10 @@ def describe_manifest(manifest: dict) -> list[tuple[str, str]]:
     if pre:
         out.append(("Preprocessing", f"shorter side {pre.get('min_size')}, longer side at most {pre.get('max_size')}, "
                     f"{pre.get('precision', '?')} on {pre.get('device', '?')}, batch {pre.get('batch_size', '?')}"))
+    pert = manifest.get("perturbation") or {}
+    if pert:  # runs from before perturbations have no entry: they were not perturbed
+        spec = pert.get("spec") or "none"
+        out.append(("Perturbation", (pert.get("words") or spec) + ("" if spec == "none" else f" — `{spec}`")))
     where = ds.get("root") or "not recorded"
     out.append(("Dataset", f"{ds.get('format', 'unknown')} at {where}"
                 + ("" if ds.get("root") is None or Path(str(ds.get("root"))).is_dir() else " (not on this machine)")))
@@ -192,6 +196,18 @@ def describe_manifest(manifest: dict) -> list[tuple[str, str]]:
         parts.append(f"{c['detections_unmatched']} kept detections matching nobody")
     out.append(("Rows", ", ".join(parts)))
     return out
+
+
+def perturbation_note(manifest: dict) -> str | None:
+    """What the photo query page says about a perturbed run (None for a plain run)."""
+    pert = manifest.get("perturbation") or {}
+    # settings.perturb is recorded only when the perturbation changes pixels (not for darken:1.0).
+    effective = (manifest.get("settings") or {}).get("perturb")
+    if not effective:
+        return None
+    return (f"This run's dataset images were perturbed ({pert.get('words') or effective}). The query photo is "
+            "not: it is your photo, and it goes through the run's DETR as it is (an image of this run too, as "
+            "stored), so its embedding is not the run's row for that image.")
 
 
 def skipped_examples(manifest: dict) -> pd.DataFrame:
