@@ -11,7 +11,9 @@ A SPEC is one or more steps separated by commas, applied in that order:
 ``blur:SIGMA``            Gaussian blur, SIGMA in pixels of the original image (0..100),
                           edges replicated, kernel cut at 4 sigma
 ``noise:SIGMA``           additive Gaussian noise, SIGMA in 0..255 units (0..255), per pixel
-                          and channel, seeded by the image's file name and the step's position
+                          and channel (float32 draws of numpy's PCG64), seeded by the sha256
+                          of the image's file name and the step's position: a rerun, a
+                          resume or another batch size gives the same pixels
 ``jpeg:Q``                re-encoded as JPEG at quality Q (1..100; PIL, 4:2:0) and decoded
 ``grayscale``             ITU-R BT.601 luma of the sRGB values, 0.299 R + 0.587 G + 0.114 B
                           (the JPEG / PIL luma), in all three channels
@@ -50,8 +52,14 @@ _HALF_UP_EPS = 1e-9
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
-    """Float pixel values -> uint8: nearest integer, halves up, clipped to 0..255."""
-    return np.clip(np.floor(np.asarray(x, dtype=np.float64) + 0.5 + _HALF_UP_EPS), 0, 255).astype(np.uint8)
+    """Float pixel values -> uint8: nearest integer, halves up, clipped to 0..255 (float32 stays float32)."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        x = x.astype(np.float64)
+    x = x + (0.5 + _HALF_UP_EPS)
+    np.floor(x, out=x)
+    np.clip(x, 0, 255, out=x)
+    return x.astype(np.uint8)
 
 
 def srgb_to_linear(v: np.ndarray) -> np.ndarray:
@@ -188,7 +196,7 @@ class Perturbation:
         """
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"perturbations take uint8 [H, W, 3] images, got {rgb.dtype} {rgb.shape}")
-        out = rgb.copy()
+        out = rgb
         for position, step in enumerate(self.steps):
             if step.is_identity:
                 continue
@@ -198,7 +206,7 @@ class Perturbation:
                 out = add_noise(out, float(step.value), noise_seed(key, position))
             else:
                 out = _APPLY[step.kind](out, step.value, scale)
-        return out
+        return rgb.copy() if out is rgb else out
 
 
 def _lut(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -246,8 +254,11 @@ def noise_seed(key: str, position: int) -> np.random.SeedSequence:
 
 
 def add_noise(img: np.ndarray, sigma: float, seed: np.random.SeedSequence) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return quantize(img + rng.standard_normal(img.shape) * sigma)
+    """img + N(0, sigma) per pixel and channel, in float32 (twice as fast; 8-bit output either way)."""
+    z = np.random.default_rng(seed).standard_normal(img.shape, dtype=np.float32)
+    z *= np.float32(sigma)
+    z += img
+    return quantize(z)
 
 
 _APPLY = {"darken": darken, "exposure": exposure, "gamma": gamma, "blur": blur, "jpeg": jpeg,

@@ -118,8 +118,10 @@ def test_noise_is_seeded_per_image_and_has_its_sigma():
     assert abs(d.mean()) < 0.3 and abs(d.std() - 10) < 0.3  # 36,000 draws: sd of the sd estimate ~0.04
     # the same noise as drawing N(0, 10) from the documented seed by hand, rounded half up
     z = np.random.default_rng(np.random.SeedSequence([int.from_bytes(
-        __import__("hashlib").sha256(b"sa_1.jpg").digest()[:8], "little"), 0])).standard_normal(gray.shape)
-    np.testing.assert_array_equal(a, np.clip(np.floor(128 + 10 * z + 0.5), 0, 255).astype(np.uint8))
+        __import__("hashlib").sha256(b"sa_1.jpg").digest()[:8], "little"), 0])).standard_normal(gray.shape,
+                                                                                   dtype=np.float32)
+    np.testing.assert_array_equal(a, np.clip(np.floor(np.float32(128) + np.float32(10) * z + np.float32(0.5)),
+                                             0, 255).astype(np.uint8))
     with pytest.raises(ValueError, match="key"):
         p.apply(gray)
 
