@@ -30,6 +30,8 @@ WORK_DIR = ".work"
 INDEX_DIR = "index"
 CACHE_DIR = "cache"
 OUTPUTS = (IMAGES, PERSONS, DETECTIONS, EMBEDDINGS, MANIFEST)
+# A folder of runs made by ``python -m extractor sweep`` holds this file (extractor/sweep.py).
+SWEEP_FILE = "sweep.json"
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:

@@ -22,7 +22,7 @@ from .settings import ExtractSettings
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep.json"
+SWEEP_FILE = rundir.SWEEP_FILE
 
 
 def sweep_runs(base: ExtractSettings, perturbations: tuple[Perturbation, ...]) -> list[ExtractSettings]:

@@ -336,3 +336,41 @@ def test_app_says_the_photo_query_is_not_perturbed():
     assert perturbation_note({"settings": {}}) is None  # a run from before perturbations
     assert "Perturbation" not in dict(describe_manifest({}))
     assert dict(describe_manifest({"perturbation": Perturbation().to_manifest()}))["Perturbation"].startswith("none")
+
+
+def test_the_app_lists_the_runs_of_a_sweep(tmp_path):
+    from ui.runs import list_runs, runs_table, unfinished_runs
+    root = tmp_path / "runs"
+    manifest = {"status": "complete", "perturbation": parse_perturbation("darken:0.5").to_manifest()}
+    for d in ("plain", "darkness/darken-0.5", "notes/inner"):
+        (root / d).mkdir(parents=True)
+        rundir.write_json(root / d / rundir.MANIFEST, manifest)
+    rundir.write_json(root / "darkness" / rundir.SWEEP_FILE, {"runs": []})
+    (root / "darkness" / "darken-0.1" / rundir.WORK_DIR).mkdir(parents=True)
+    entries = list_runs(root)
+    assert [e.name for e in entries] == ["darkness/darken-0.5", "plain"]  # a folder without sweep.json is not looked into
+    assert entries[0].path == root / "darkness" / "darken-0.5"
+    assert unfinished_runs(root) == ["darkness/darken-0.1"]
+    assert runs_table(entries)["perturbation"].tolist() == ["darken:0.5", "darken:0.5"]
+
+
+@pytest.mark.slow
+def test_app_pages_say_the_perturbation(ui_demo, tmp_path, monkeypatch):
+    import shutil
+    from streamlit.testing.v1 import AppTest
+    run = tmp_path / "runs" / "darkness" / "darken-0.5"
+    shutil.copytree(ui_demo.run_dir, run)
+    rundir.write_json(run.parent / rundir.SWEEP_FILE, {"runs": [{"dir": "darken-0.5"}]})
+    m = json.loads((run / rundir.MANIFEST).read_text())
+    dark = parse_perturbation("darken:0.5")
+    m["perturbation"], m["settings"]["perturb"] = dark.to_manifest(), dark.effective.canonical
+    rundir.write_json(run / rundir.MANIFEST, m)
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "streamlit_app.py"), default_timeout=180)
+    at.run()
+    at.switch_page("ui/pages/overview.py").run()
+    assert not at.exception and at.query_params.get("run") == "darkness/darken-0.5"
+    assert any("**Perturbation:** sRGB values times 0.5" in md.value for md in at.markdown)
+    at.switch_page("ui/pages/similar.py").run()
+    assert not at.exception
+    assert any("The query photo is not" in i.value for i in at.info)

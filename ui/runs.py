@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import pandas as pd
 
-from extractor.rundir import INDEX_DIR, MANIFEST, WORK_DIR
+from extractor.rundir import INDEX_DIR, MANIFEST, SWEEP_FILE, WORK_DIR
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +63,36 @@ def _read_json(path: Path) -> tuple[dict, str | None]:
     return (doc, None) if isinstance(doc, dict) else ({}, f"{path.name} is not a JSON object")
 
 
-def list_runs(root: Path) -> list[RunEntry]:
-    """Run directories directly under ``root`` (a dir with manifest.json), by name."""
+def _candidate_dirs(root: Path) -> list[tuple[str, Path]]:
+    """(name, dir) of every directory directly under ``root``, and of those inside a sweep
+    folder (``python -m extractor sweep``), named ``sweep/run``; by name."""
     if not root.is_dir():
         return []
     out = []
-    for path in sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()):
+    for p in sorted(q for q in root.iterdir() if q.is_dir()):
+        out.append((p.name, p))
+        if (p / SWEEP_FILE).is_file():
+            out.extend((f"{p.name}/{q.name}", q) for q in sorted(q for q in p.iterdir() if q.is_dir()))
+    return out
+
+
+def list_runs(root: Path) -> list[RunEntry]:
+    """Run directories under ``root`` (a dir with manifest.json; sweeps' runs too), by name."""
+    out = []
+    for name, path in _candidate_dirs(root):
+        if not (path / MANIFEST).is_file():
+            continue
         manifest, error = _read_json(path / MANIFEST)
         if error is None and manifest.get("status", "complete") != "complete":
             error = f"the run is not complete (status {manifest.get('status')!r})"
         index_doc, index_error = _read_json(path / INDEX_MANIFEST) if (path / INDEX_MANIFEST).is_file() else ({}, "")
-        out.append(RunEntry(path.name, path, manifest, error, index_error is None, index_doc.get("kind")))
+        out.append(RunEntry(name, path, manifest, error, index_error is None, index_doc.get("kind")))
     return out
 
 
 def unfinished_runs(root: Path) -> list[str]:
     """Names of directories holding an interrupted extraction (no manifest yet)."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / WORK_DIR).is_dir()
-                  and not (p / MANIFEST).is_file())
+    return [name for name, p in _candidate_dirs(root) if (p / WORK_DIR).is_dir() and not (p / MANIFEST).is_file()]
 
 
 def find_run(entries: list[RunEntry], name: str | None) -> RunEntry | None:
@@ -116,6 +126,7 @@ def runs_table(entries: list[RunEntry]) -> pd.DataFrame:
         rows.append({
             "run": e.name,
             "checkpoint": checkpoint_label(e.manifest) if not e.error else "",
+            "perturbation": (e.manifest.get("perturbation") or {}).get("spec") or "none",
             "images": c.get("images"),
             "persons": c.get("persons"),
             "detected": c.get("persons_detected"),
@@ -124,7 +135,7 @@ def runs_table(entries: list[RunEntry]) -> pd.DataFrame:
             "created": e.manifest.get("created", ""),
             "problem": e.error or "",
         })
-    cols = ["run", "checkpoint", "images", "persons", "detected", "rows", "index", "created", "problem"]
+    cols = ["run", "checkpoint", "perturbation", "images", "persons", "detected", "rows", "index", "created", "problem"]
     return pd.DataFrame(rows, columns=cols)
 
 
