@@ -12,8 +12,9 @@ A SPEC is one or more steps separated by commas, applied in that order:
                           edges replicated, kernel cut at 4 sigma
 ``noise:SIGMA``           additive Gaussian noise, SIGMA in 0..255 units (0..255), per pixel
                           and channel (float32 draws of numpy's PCG64), seeded by the sha256
-                          of the image's file name and the step's position: a rerun, a
-                          resume or another batch size gives the same pixels
+                          of the image's file name and the step's position (among the
+                          steps that change pixels): a rerun, a resume or another batch
+                          size gives the same pixels
 ``jpeg:Q``                re-encoded as JPEG at quality Q (1..100; PIL, 4:2:0) and decoded
 ``grayscale``             ITU-R BT.601 luma of the sRGB values, 0.299 R + 0.587 G + 0.114 B
                           (the JPEG / PIL luma), in all three channels
@@ -185,8 +186,8 @@ class Perturbation:
             "applied_to": "the reduced-scale JPEG decode (--draft), blur sigma scaled to it" if draft
             else "each image at its original resolution, before the resize",
             "rounding": "8-bit after each step: nearest integer, halves up, clipped to 0..255",
-            "noise_seed": "sha256 of the image file name, and the step's position",
-        }
+        } | ({"noise_seed": "sha256 of the image file name, and the step's position among the steps that change "
+                             "pixels"} if any(s.kind == "noise" for s in self.effective.steps) else {})
 
     def apply(self, rgb: np.ndarray, *, key: str | None = None, scale: float = 1.0) -> np.ndarray:
         """The perturbed image. rgb: uint8 [H, W, 3] -> uint8 [H, W, 3] (a new array).
@@ -197,9 +198,8 @@ class Perturbation:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"perturbations take uint8 [H, W, 3] images, got {rgb.dtype} {rgb.shape}")
         out = rgb
-        for position, step in enumerate(self.steps):
-            if step.is_identity:
-                continue
+        # Positions count the steps that change pixels: darken:1.0,noise:4 is noise:4, as its fingerprint says.
+        for position, step in enumerate(self.effective.steps):
             if step.kind == "noise":
                 if key is None:
                     raise ValueError("noise needs a per-image key (the file name) to seed it")

@@ -124,6 +124,10 @@ def test_noise_is_seeded_per_image_and_has_its_sigma():
                                              0, 255).astype(np.uint8))
     with pytest.raises(ValueError, match="key"):
         p.apply(gray)
+    # a step that changes no pixel neither enters the fingerprint nor shifts the seed
+    np.testing.assert_array_equal(parse_perturbation("darken:1.0,noise:10").apply(gray, key="sa_1.jpg"), a)
+    twice = parse_perturbation("noise:10,noise:10").apply(gray, key="sa_1.jpg")
+    assert not np.array_equal(twice, perturb.add_noise(a, 10.0, perturb.noise_seed("sa_1.jpg", 0)))
 
 
 @pytest.mark.parametrize("q", [10, 75, 95])
