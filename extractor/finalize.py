@@ -122,6 +122,7 @@ def write_outputs(s: ExtractSettings, plan: Plan, dataset: Dataset, ckpt: Loaded
         preprocessing={"min_size": s.min_size, "max_size": s.max_size, "mean": IMAGENET_MEAN,
                        "std": IMAGENET_STD, "resize": "PIL bilinear", "jpeg_draft": s.draft,
                        "device": s.device, "precision": s.precision, "batch_size": s.batch_size},
+        perturbation=s.perturb.to_manifest(draft=s.draft),
         dataset={"root": str(dataset.root), "format": dataset.format, "annotations": str(dataset.annotations),
                  "annotations_sha256": plan.annotations_sha256, "rows_read": dataset.rows_read,
                  "persons_valid": len(dataset.persons), "images": len(dataset.images),

@@ -47,16 +47,18 @@ class RunResult:
 
 
 def run_extraction(settings: ExtractSettings,
-                   progress: Callable[[int, int], None] | None = None) -> RunResult:
+                   progress: Callable[[int, int], None] | None = None, *,
+                   model: tuple[torch.nn.Module, LoadedCheckpoint] | None = None) -> RunResult:
     """Extract embeddings for ``settings.data`` into ``settings.out`` (see module doc).
 
     progress: called with (images done, images to do) after every shard (the app's
-    progress bar); the terminal gets a tqdm bar either way.
+    progress bar); the terminal gets a tqdm bar either way. model: ``build_model``'s
+    result for these settings' checkpoint and seed, to load it once for several runs.
     """
     t0 = time.perf_counter()
     s = settings.resolved()
     dataset = read_dataset(s.data, s.annotations)
-    model, ckpt = build_model(s.checkpoint, seed=s.seed)
+    model, ckpt = model or build_model(s.checkpoint, seed=s.seed)
     plan = make_plan(dataset, s)
     fields = s.fingerprint_fields() | {
         "annotations_sha256": plan.annotations_sha256, "checkpoint_sha256": ckpt.sha256,
@@ -160,7 +162,8 @@ def _process(model, plan: Plan, s: ExtractSettings, todo: list[int]) -> Iterator
     def load(image_id: int):
         row = plan.images_by_id[image_id]
         try:
-            return load_prepared(root / row["path"], s.min_size, s.max_size, draft=s.draft)
+            return load_prepared(root / row["path"], s.min_size, s.max_size, draft=s.draft,
+                                 perturbation=s.perturb, key=str(row["filename"]))
         except Exception as exc:  # any decoding failure is recorded, never fatal
             return f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
 

@@ -10,7 +10,7 @@
 """
 from .files import (  # noqa: F401
     BACKBONE_ROI, CACHE_DIR, DECODER_LAYERS, DETECTIONS, EMBEDDINGS, ENCODER_ROI, FEATURE_FILES, IMAGES, INDEX_DIR,
-    MANIFEST, OUTPUTS, PERSONS, PREDICTIONS, TABLES, WORK_DIR, atomic_dir, atomic_write, fsync_dir, read_json,
+    MANIFEST, OUTPUTS, PERSONS, PREDICTIONS, SWEEP_FILE, TABLES, WORK_DIR, atomic_dir, atomic_write, fsync_dir, read_json,
     save_npy, write_json,
 )
 from .io import FEATURE_SPACES, NUM_QUERIES, FeatureSpace, RunFiles, open_run, package_versions, write_run  # noqa: F401

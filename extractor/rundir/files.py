@@ -32,6 +32,8 @@ BACKBONE_ROI = "backbone_roi.npy"
 WORK_DIR = ".work"
 INDEX_DIR = "index"
 CACHE_DIR = "cache"
+# A folder of runs made by ``python -m extractor sweep`` holds this file (extractor/sweep.py).
+SWEEP_FILE = "sweep.json"
 TABLES = (IMAGES, PERSONS, DETECTIONS, PREDICTIONS)
 FEATURE_FILES = (DECODER_LAYERS, ENCODER_ROI, BACKBONE_ROI)
 # Everything the extractor writes at the top of a run directory (what --overwrite removes).
