@@ -4,7 +4,8 @@
 ``ar``, ``recall50``, ``recall75`` of the detection audit) into a tidy frame with, all
 from one image-cluster bootstrap (``index.bootstrap``, same rounds for every row):
 
-- ``<metric>`` per group: the mean, BCa interval, ``design_effect``, ``n_images_a``;
+- ``<metric>`` per group: the mean, BCa interval, ``design_effect``, ``n_images_a``, and
+  a row for ``all`` persons (the reference; in no pair, not in the choice);
 - ``<metric>_difference`` and ``<metric>_ratio`` for every pair of groups (a before b
   in label order): interval and p-value (BCa-inverted, against 0 and 1), and for the
   difference ``p_holm``, Holm-adjusted over the family of pairs of eligible groups
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from index.bootstrap import BootSettings, estimate, group_means, holm
-from index.groupings import Groups
+from index.groupings import ALL, Groups
 
 _NAN = np.nan
 
@@ -46,10 +47,11 @@ def mean_readout(groups: Groups, values: np.ndarray, image_ids: np.ndarray, metr
     counts: add ``detected_a`` / ``detected_b`` (sums of 0/1 values per group).
     params: constant columns (grouping parameters) appended to every row.
     """
-    res = group_means(values, groups.M, image_ids, boot)
     G = len(groups.labels)
+    # One more column, every person: the ``all`` row, resampled in the same rounds.
+    res = group_means(values, np.column_stack([groups.M, np.ones(len(groups.M), dtype=bool)]), image_ids, boot)
     labels = np.asarray(groups.labels, dtype=object)
-    value, n = res.value[:, 0], res.n
+    value, n = res.value[:G, 0], res.n[:G]
     small = n < min_group_size
     ok = eligible(groups, n, min_group_size, include_unknown, include_small)
     rows: dict[str, list] = {k: [] for k in (
@@ -60,10 +62,14 @@ def mean_readout(groups: Groups, values: np.ndarray, image_ids: np.ndarray, metr
         for k, v in kw.items():
             rows[k].extend(np.atleast_1d(v).tolist() if not isinstance(v, list) else v)
 
-    add(group_a=list(labels), group_b=[""] * G, metric=[metric] * G, value=value, ci_low=res.ci_low[:, 0],
-        ci_high=res.ci_high[:, 0], p_value=[_NAN] * G, p_holm=[_NAN] * G, n_a=n, n_b=[0] * G,
-        n_images_a=res.n_images, n_images_b=[0] * G, design_effect=res.design_effect[:, 0], small_group=small,
+    add(group_a=list(labels), group_b=[""] * G, metric=[metric] * G, value=value, ci_low=res.ci_low[:G, 0],
+        ci_high=res.ci_high[:G, 0], p_value=[_NAN] * G, p_holm=[_NAN] * G, n_a=n, n_b=[0] * G,
+        n_images_a=res.n_images[:G], n_images_b=[0] * G, design_effect=res.design_effect[:G, 0], small_group=small,
         in_family=ok, family_size=[int(ok.sum())] * G)
+    add(group_a=[ALL], group_b=[""], metric=[metric], value=res.value[G, 0], ci_low=res.ci_low[G, 0],
+        ci_high=res.ci_high[G, 0], p_value=[_NAN], p_holm=[_NAN], n_a=res.n[G], n_b=[0], n_images_a=res.n_images[G],
+        n_images_b=[0], design_effect=res.design_effect[G, 0], small_group=[bool(res.n[G] < min_group_size)],
+        in_family=[False], family_size=[int(ok.sum())])
 
     a, b = np.triu_indices(G, k=1)
     P = len(a)
@@ -84,7 +90,7 @@ def mean_readout(groups: Groups, values: np.ndarray, image_ids: np.ndarray, metr
     add(metric=[f"{metric}_ratio"] * P, value=ratio.value, ci_low=ratio.ci_low, ci_high=ratio.ci_high,
         p_value=ratio.p_value, p_holm=[_NAN] * P, **pair)
 
-    best, worst, gap = _gap(value, res.boot[:, :, 0], res.jack[:, :, 0], ok, boot.level)
+    best, worst, gap = _gap(value, res.boot[:, :G, 0], res.jack[:, :G, 0], ok, boot.level)
     chosen = best is not None
     add(group_a=[labels[best] if chosen else ""], group_b=[labels[worst] if chosen else ""],
         metric=[f"{metric}_gap"], value=gap[0], ci_low=gap[1], ci_high=gap[2], p_value=[_NAN], p_holm=[_NAN],
@@ -95,8 +101,8 @@ def mean_readout(groups: Groups, values: np.ndarray, image_ids: np.ndarray, metr
     out = pd.DataFrame(rows)
     out["n_a"], out["n_b"] = out["n_a"].astype(np.int64), out["n_b"].astype(np.int64)
     if counts:
-        x = np.round(np.nan_to_num(value) * n).astype(np.int64)
-        idx = {lab: i for i, lab in enumerate(groups.labels)}
+        x = np.round(np.nan_to_num(res.value[:, 0]) * res.n).astype(np.int64)
+        idx = {lab: i for i, lab in enumerate([*groups.labels, ALL])}
         out["detected_a"] = [int(x[idx[g]]) if g in idx else 0 for g in out["group_a"]]
         out["detected_b"] = [int(x[idx[g]]) if g in idx else 0 for g in out["group_b"]]
     out.insert(list(out.columns).index("small_group") + 1, "rule", groups.rule)

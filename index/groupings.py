@@ -21,6 +21,7 @@ from extractor.groups import AGE_VALUES, GENDER_VALUES, LIGHTING_FLAGS, MST_BAND
 from extractor.where import evaluate_where
 
 CELL_SEP = " & "
+ALL = "all"  # the row for the whole population in per-person read-outs (recall, AR)
 
 
 @dataclass(frozen=True)

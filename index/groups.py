@@ -27,6 +27,7 @@ from index.groupings import GROUPINGS, POPULATIONS, Groups, by_names, groups_of,
 from index.store import Run
 
 METRICS = ("similarity", "neighbours", "recall")
+INTERVAL = "BCa 95%, photos resampled"  # the interval column of every read-out
 __all__ = ["GROUPINGS", "METRICS", "POPULATIONS", "GroupSettings", "compare", "detection_recall",
            "neighbour_composition", "population_rows", "similarity"]
 
@@ -62,7 +63,7 @@ class GroupSettings:
 
 def _params(groups: Groups, population: str, where: str | None, settings: GroupSettings, **extra: object) -> dict:
     return dict(grouping=groups.name, population=population, where=where or "", n_boot=settings.n_boot,
-                seed=settings.seed, min_group_size=settings.min_group_size, **extra)
+                seed=settings.seed, min_group_size=settings.min_group_size, interval=INTERVAL, **extra)
 
 
 def _pairs_frame(groups: Groups, sizes: np.ndarray, metric: str, value: np.ndarray,

@@ -316,7 +316,10 @@ def test_recall_on_synthetic_run_counts_every_evaluated_person(tiny):
     df = detection_recall(tiny, "mst_band")
     per = df[df.metric == "recall"]
     evaluated = tiny.persons.evaluated.sum()
-    assert per.n_a.sum() == evaluated and "unknown" in per.group_a.tolist()
+    assert per[per.group_a != "all"].n_a.sum() == evaluated and "unknown" in per.group_a.tolist()
+    everyone = per[per.group_a == "all"].iloc[0]
+    assert everyone.n_a == evaluated and everyone.value == pytest.approx(tiny.persons.detected[tiny.persons.evaluated].mean())
+    assert not everyone.in_family and "all" not in set(df[df.metric == "recall_difference"].group_a)
 
 
 def test_empty_population_gives_rows_with_n_zero(tiny):
@@ -349,4 +352,4 @@ def test_where_restricts_every_readout(tiny):
     assert n == (keep & tiny.meta.matched.to_numpy()).sum()
     rec = compare(tiny, "mst_band", "recall", settings=s, where=where)
     persons = tiny.persons[tiny.persons.evaluated & tiny.persons.eval(where)]
-    assert rec[rec.metric == "recall"].n_a.sum() == len(persons)
+    assert rec[(rec.metric == "recall") & (rec.group_a != "all")].n_a.sum() == len(persons)

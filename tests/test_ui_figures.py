@@ -52,10 +52,11 @@ def test_recall_bars_with_bootstrap_error_bars(ui_readouts):
     fig = figures.recall_bars(df)
     (bar,) = fig.data
     rec = df[df.metric == "recall"]
-    assert len(bar.x) == len(rec) == 4  # the recall_gap row is text, not a bar
+    assert len(bar.x) == len(rec) == 5  # 4 bands and all persons; the recall_gap row is text, not a bar
+    assert bar.x[-1].startswith("all (n=") and bar.marker.color[-1] == figures.ALL_COLOUR
     assert np.allclose(bar.error_y.array, np.nan_to_num(rec.ci_high - rec.value))
     assert np.allclose(bar.error_y.arrayminus, np.nan_to_num(rec.value - rec.ci_low))
-    assert "design effect" in bar.hovertemplate and np.asarray(bar.customdata).shape == (4, 6)
+    assert "design effect" in bar.hovertemplate and np.asarray(bar.customdata).shape == (5, 6)
     gap = df[df.metric == "recall_gap"].iloc[0]
     assert f"best {gap.group_a} minus worst {gap.group_b}" in figures.recall_gap_text(df)
 

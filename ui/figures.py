@@ -14,6 +14,7 @@ from extractor.rundir.facet import MST_HEX, UNKNOWN
 
 SMALL_MARK = "†"
 UNKNOWN_COLOUR = "#9e9e9e"
+ALL_COLOUR = "#555555"  # the all-persons reference bar
 BAND_COLOURS = {"lighter": MST_HEX[1], "medium": MST_HEX[4], "darker": MST_HEX[8], UNKNOWN: UNKNOWN_COLOUR}
 BOX_COLOURS = ("#ff2d55", "#00c7be", "#ffcc00", "#5856d6", "#34c759", "#ff9500", "#af52de", "#007aff")
 CATEGORY_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
@@ -39,6 +40,8 @@ def group_colours(labels: Sequence[str]) -> list[str]:
         lab = str(lab)
         if lab == UNKNOWN or lab == "none":
             out.append(UNKNOWN_COLOUR)
+        elif lab == "all":
+            out.append(ALL_COLOUR)
         elif lab.isdigit() and 1 <= int(lab) <= 10:
             out.append(MST_HEX[int(lab) - 1])
         elif lab in BAND_COLOURS:
@@ -151,8 +154,8 @@ def recall_gap_text(df: pd.DataFrame) -> str:
 def cell_heatmap(df: pd.DataFrame, metric: str = "recall") -> go.Figure:
     """An intersection read-out (grouping ``a & b``) as a heatmap: rows = a's groups,
     columns = b's; the hover shows n, photos, the 95% interval and the design effect."""
-    from index.groupings import CELL_SEP
-    sub = df[df["metric"] == metric]
+    from index.groupings import ALL, CELL_SEP
+    sub = df[(df["metric"] == metric) & (df["group_a"].astype(str) != ALL)]
     parts = sub["group_a"].astype(str).str.split(CELL_SEP, regex=False)
     if sub.empty or parts.map(len).max() != 2:
         raise ValueError("cell_heatmap needs a read-out by exactly two groupings (--by X --by Y)")
