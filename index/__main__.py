@@ -1,4 +1,4 @@
-"""Command line: ``python -m index build|compare|synthetic ...`` (``--help`` on each)."""
+"""Command line: ``python -m index build|compare|compare-runs|synthetic|synthetic-audit ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +13,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from extractor.rundir import atomic_write
 from index.build import KINDS, BuildSettings, build_index
+from index.crossruns import CROSS_METRICS, CrossSettings, compare_runs
 from index.export import to_csv_bytes
 from index.groupings import GROUPINGS, POPULATION_HELP, POPULATIONS, REGISTRY
 from index.groups import METRICS, GroupSettings, compare
 from index.store import load_run
 from index.synthetic import write_synthetic_run
+from index.synthetic_audit import AuditSettings, write_synthetic_audit
 
 log = logging.getLogger("index")
 
@@ -80,6 +82,36 @@ def _parser() -> argparse.ArgumentParser:
                    help="neighbours: seeded sample of queries per group (default: %(default)s)")
     c.add_argument("--out", type=Path, required=True, help="CSV file to write")
 
+    r = sub.add_parser("compare-runs", help="paired comparison of runs of one dataset as CSV",
+                       description="Per run and group the metric with its interval; against the first run the "
+                                   "paired difference per group and the difference-in-differences between groups, "
+                                   "all from one image-cluster bootstrap (the same photos in every round for "
+                                   "every run). Population: persons evaluated in every run.")
+    r.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories of one dataset; the first is the reference")
+    r.add_argument("--metric", required=True, choices=("ar", "recall50", "recall75", "recall"),
+                   help="per-person metric: recall = threshold recall (persons.detected); ar / recall50 / recall75 "
+                        "= COCO per-person metrics of the detection audit (available: " + ", ".join(CROSS_METRICS) + ")")
+    r.add_argument("--by", required=True, choices=GROUPINGS, metavar="GROUPING", action="append",
+                   help="grouping; repeat it for an intersection (see `compare --help`)")
+    r.add_argument("--where", default=None, metavar="EXPR", help="restrict the persons with a pandas condition")
+    r.add_argument("--n-boot", type=int, default=CrossSettings.n_boot, help="bootstrap rounds (default: %(default)s)")
+    r.add_argument("--seed", type=int, default=CrossSettings.seed, help="bootstrap seed (default: %(default)s)")
+    r.add_argument("--min-group-size", type=int, default=CrossSettings.min_group_size,
+                   help="groups smaller than this are flagged small_group and left out of the Holm families "
+                        "(default: %(default)s)")
+    r.add_argument("--include-unknown", action="store_true", help="let unknown groups into the Holm families")
+    r.add_argument("--include-small", action="store_true", help="let small groups (>= 2) into the Holm families")
+    r.add_argument("--out", type=Path, required=True, help="CSV file to write")
+
+    a = sub.add_parser("synthetic-audit", help="write a simulated audit: synthetic runs of one dataset with planted losses",
+                       description="Write OUT_DIR/base, OUT_DIR/darken-0.5, OUT_DIR/darken-0.1: synthetic runs of one "
+                                   "synthetic dataset whose detections lose more darker tones the darker the run, "
+                                   "the planted truth in each manifest's `planted`, each indexed.")
+    a.add_argument("out", type=Path, help="folder to create (one run per darkening factor inside)")
+    a.add_argument("--seed", type=int, default=AuditSettings.seed, help="dataset seed (default: %(default)s)")
+    a.add_argument("--rows", type=int, default=AuditSettings.rows, help="embedding rows per run (default: %(default)s)")
+    a.add_argument("--overwrite", action="store_true", help="replace runs already there")
+
     s = sub.add_parser("synthetic", help="write a synthetic run (no DETR) for tests and demos",
                        description="Write a complete, valid synthetic run directory with clustered embeddings.")
     s.add_argument("out", type=Path, help="run directory to create")
@@ -107,6 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         where=args.where))
             atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
             log.info("wrote %s", args.out)
+        elif args.command == "compare-runs":
+            cross = CrossSettings(n_boot=args.n_boot, seed=args.seed, min_group_size=args.min_group_size,
+                                  include_unknown=args.include_unknown, include_small=args.include_small)
+            data = to_csv_bytes(compare_runs(args.runs, args.metric, args.by, cross, where=args.where))
+            atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
+            log.info("wrote %s", args.out)
+        elif args.command == "synthetic-audit":
+            write_synthetic_audit(args.out, AuditSettings(seed=args.seed, rows=args.rows), overwrite=args.overwrite)
         else:
             write_synthetic_run(args.out, args.rows, seed=args.seed, n_clusters=args.clusters)
     except (ValueError, OSError) as exc:
