@@ -121,7 +121,9 @@ def test_only_the_starter_cancels_and_progress_is_visible():
         job.future.result(WAIT)
     assert job.state == "cancelled" and not released.is_set()
     assert isinstance(job.future.exception(), concurrent.futures.CancelledError)
-    # cancelled is not "finished well": asking again starts it afresh, for its new starter
+    # a rerun of the page asks again: it must not restart what was just stopped
+    assert jobs.submit("k", "steps", steps, owner="starter") is job
+    jobs.forget("k")  # "compute it again": a fresh job for whoever asks
     again = jobs.submit("k", "steps", lambda ctx: "fresh", owner="watcher")
     assert again is not job and again.owner == "watcher" and again.future.result(WAIT) == "fresh"
 

@@ -80,7 +80,9 @@ class Job:
         return self._progress
 
     def _reusable(self) -> bool:
-        return self.state in ("waiting", "running", "done")
+        # A cancelled job stays until forgotten: the page rerun that follows a Cancel click
+        # must not start again what its user just stopped. A failed one may be retried.
+        return self.state != "failed"
 
 
 class JobContext:
@@ -117,8 +119,9 @@ class Jobs:
 
     # ------------------------------------------------------------ the sessions' side
     def submit(self, key: str, label: str, fn: Callable[..., Any], *args: Any, owner: str = "") -> Job:
-        """The job under ``key``: the one waiting, running or finished well, else a new one
-        owned by ``owner`` that will call ``fn(context, *args)``."""
+        """The job under ``key`` unless it failed (waiting, running, done or cancelled: call
+        :meth:`forget` to start a cancelled one again), else a new one owned by ``owner``
+        that will call ``fn(context, *args)``."""
         with self._cond:
             job = self._jobs.get(key)
             if job is not None and job._reusable():

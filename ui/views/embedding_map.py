@@ -98,6 +98,9 @@ def _projection(run: index.Run, key: str, method: str, population: str,
         pass
     jobs = app.jobs()
     label = f"{pj.METHOD_LABELS[method]} of {population} in {run.run_dir.name}"
+    # The run in the job's key too: a copy of a run has the same embeddings, hence cache key,
+    # but its own cache/ to fill.
+    cache_key, key = key, f"map:{run.run_dir}:{key}"
     try:
         job = jobs.submit(key, label, _compute, run, method, population, params, owner=app.session_owner())
     except JobLimit as exc:
@@ -122,7 +125,7 @@ def _projection(run: index.Run, key: str, method: str, population: str,
             jobs.forget(key)
             st.rerun()
         return None
-    if pj.cache_paths(run.run_dir, key)[0].is_file():
+    if pj.cache_paths(run.run_dir, cache_key)[0].is_file():
         jobs.forget(key)  # on disk now; without a writable cache/ the job keeps the result in memory
     return projection
 
