@@ -225,7 +225,7 @@ def job_status(job: Job, note: str = "") -> None:
     if job.owner != session_owner():
         st.caption("Another session started this computation and shares it with you; only it can cancel it.")
     elif job.state == "cancelling":
-        st.caption("Cancelling: it stops at its next step (a UMAP or t-SNE fit runs to its end).")
+        st.caption("Cancelling: it stops at its next step (a UMAP or t-SNE fit and an index build run to their end).")
     elif st.button("Cancel", key=f"cancel-{job.key}"):
         jobs().cancel(job.key, session_owner())
         st.rerun(scope="app")

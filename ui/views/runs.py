@@ -77,7 +77,7 @@ def _index_build(entry: runs.RunEntry, left, right) -> None:
     job = jobs.get(key)
     if job is not None and not job.future.done():
         with left:
-            app.poll_job(key, "The run opens once it is built.")
+            app.poll_job(key, "Its Open button appears once it is built.")
         return
     if job is not None and job.state in ("failed", "cancelled"):
         jobs.forget(key)
@@ -104,8 +104,15 @@ def _index_build(entry: runs.RunEntry, left, right) -> None:
 
 def _follow_demo(root: Path) -> bool:
     """While this session's demo builds: its progress (True). Once built: open it."""
+    if not st.session_state.get(DEMO_WAIT_KEY):
+        return False
     job = app.jobs().get(_demo_key(root))
-    if not st.session_state.get(DEMO_WAIT_KEY) or job is None:
+    if job is None:  # another session following the same build saw it finish first
+        st.session_state.pop(DEMO_WAIT_KEY)
+        demo = runs.find_run(runs.list_runs(root), runs.DEMO_NAME)
+        if demo is not None and demo.usable:
+            app.choose_run(runs.DEMO_NAME)
+            switch_to("overview")
         return False
     if not job.future.done():
         app.poll_job(job.key, "The demo opens when it is ready.")
