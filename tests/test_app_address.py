@@ -7,28 +7,18 @@ the table names the bound address whatever the network looks like.
 from __future__ import annotations
 
 import ipaddress
-import os
 import shutil
 import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from streamlit_server import ROOT, free_port, streamlit_server
 
-ROOT = Path(__file__).resolve().parents[1]
 PROC_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
 LISTEN = "0A"
 
 needs_proc = pytest.mark.skipif(not PROC_TABLES[0].is_file(), reason="no /proc/net/tcp (not Linux)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _decode(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -76,37 +66,11 @@ def test_the_table_reader_sees_loopback_and_wildcard_listeners():
 @pytest.mark.slow
 def test_plain_streamlit_run_listens_on_loopback_only(tmp_path):
     """``streamlit run streamlit_app.py`` without an address flag: the project's config decides."""
-    port = _free_port()
-    log = tmp_path / "streamlit.log"
-    env = {**os.environ, "RUNS_DIR": str(tmp_path / "runs"), "OMP_WAIT_POLICY": "PASSIVE"}
-    # No --server.address: the project's .streamlit/config.toml (read from the working
-    # directory) must make the plain command safe.
-    cmd = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-           "--server.port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not become healthy; log:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    port = free_port()
+    with streamlit_server(port, tmp_path / "runs", tmp_path / "streamlit.log"):
         addresses = listening_addresses(port)
-        assert addresses, f"nothing listens on port {port}"
-        assert all(_is_loopback(a) for a in addresses), addresses
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    assert addresses, f"nothing listens on port {port}"
+    assert all(_is_loopback(a) for a in addresses), addresses
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
