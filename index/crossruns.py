@@ -172,7 +172,8 @@ def compare_runs(run_dirs: Sequence[Path | str], metric: str, by: str | Sequence
     small = n < settings.min_group_size
     frames = []
 
-    def frame(kind: str, run: np.ndarray, a: np.ndarray, b: np.ndarray | None, value, lo, hi, p, fam) -> pd.DataFrame:
+    def frame(kind: str, run: np.ndarray, a: np.ndarray, b: np.ndarray | None, value, lo, hi, p, fam,
+              deff: np.ndarray | float = np.nan) -> pd.DataFrame:
         p_holm = np.full(len(value), np.nan)
         if p is not None:
             p_holm[fam] = holm(np.asarray(p)[fam])
@@ -182,14 +183,14 @@ def compare_runs(run_dirs: Sequence[Path | str], metric: str, by: str | Sequence
             "ci_high": hi, "n_a": n[a], "n_b": n[b] if b is not None else 0,
             "p_value": p if p is not None else np.nan, "p_holm": p_holm,
             "n_images_a": n_img[a], "n_images_b": n_img[b] if b is not None else 0,
-            "small_group": small[a] | (small[b] if b is not None else False),
+            "design_effect": deff, "small_group": small[a] | (small[b] if b is not None else False),
             "in_family": fam, "family_size": int(fam.sum()) if p is not None else int(ok.sum()),
         })
 
     # Per run: group-major within each run, runs in the order given.
     run_i, g_i = np.repeat(np.arange(R), G + 1), np.tile(np.arange(G + 1), R)
     frames.append(frame(metric, run_i, g_i, None, res.value[g_i, run_i], res.ci_low[g_i, run_i],
-                        res.ci_high[g_i, run_i], None, ok[g_i]))
+                        res.ci_high[g_i, run_i], None, ok[g_i], res.design_effect[g_i, run_i]))
     # Paired differences: run r minus the first run, per group.
     run_i, g_i = np.repeat(np.arange(1, R), G + 1), np.tile(np.arange(G + 1), R - 1)
     d_boot = res.boot[:, :, 1:] - res.boot[:, :, :1]  # [B, G+1, R-1]

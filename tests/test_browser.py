@@ -16,7 +16,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
 PAGES = {"runs": "Runs", "overview": "Overview", "similar": "Find similar persons", "map": "Embedding map",
-         "groups": "Group comparison"}
+         "groups": "Group comparison", "audit": "Detection audit"}
 
 pytestmark = pytest.mark.browser
 
@@ -88,7 +88,7 @@ def test_every_page_upload_and_download(ui_server, ui_browser, tmp_path):
         assert page.get_by_text("Untrained weights.").first.is_visible()
         page.screenshot(path=str(ARTIFACTS / "runs.png"))
 
-        for slug in ("overview", "map", "groups"):
+        for slug in ("overview", "map", "groups", "audit"):
             page.get_by_role("link", name=PAGES[slug]).first.click()  # the sidebar navigation
             _settled(page, PAGES[slug])
             assert "run=demo" in page.url, page.url

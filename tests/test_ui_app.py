@@ -20,7 +20,7 @@ from ui import app as ui_app  # noqa: E402
 from ui import runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("overview", "similar", "map", "groups")
+PAGES = ("overview", "similar", "map", "groups", "audit")
 
 
 def _app(page: str | None = None) -> AppTest:
@@ -96,6 +96,32 @@ def test_without_runs_the_demo_is_one_click_away(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "demo" / "index" / "manifest.json").is_file()
     assert (tmp_path / "data" / "demo" / "annotations.csv").is_file()
     assert at.session_state[ui_app.RUN_KEY] == "demo"
+
+
+def test_simulated_audit_is_one_click_away_and_drives_the_audit_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setattr(runs, "build_simulated_audit", functools.partial(runs.build_simulated_audit, rows=1200))
+    at = _app()
+    at.button(key="build-simulated").click().run()
+    _no_exception(at)
+    _rerun_until(at, lambda a: a.title[0].value == "Detection audit", "the simulated audit to be built and opened")
+    assert at.session_state[ui_app.RUN_KEY] == "simulated-audit/base"
+    assert any("Simulated." in w.value for w in at.warning)  # the banner, and no untrained one
+    assert not any("Untrained weights" in w.value for w in at.warning)
+    assert at.multiselect(key="aud_runs").value == [f"simulated-audit/{n}" for n in ("base", "darken-0.1", "darken-0.5")]
+    lines = _charts(at)[0]["data"]
+    assert [t["name"] for t in lines] == ["base (reference)", "darken-0.1", "darken-0.5"]
+    assert len(lines[0]["x"]) == 4 and "error_y" in lines[0]  # the bands and unknown
+    assert len(at.dataframe) == 2 and any("difference-in-differences" in m.value for m in at.markdown)
+    at.selectbox(key="aud_by2").set_value("lighting").run()
+    _no_exception(at)
+    heat = _charts(at)[1:]
+    assert len(heat) == 3 and all(h["data"][0]["type"] == "heatmap" for h in heat)
+    assert {d.label for d in at.get("download_button")} == {"compare-runs (CSV)", "compare-runs by both (CSV)"}
+    for page in ("overview", "groups"):  # every page labels the simulated run
+        at.switch_page(f"ui/pages/{page}.py").run()
+        _no_exception(at)
+        assert any("Simulated." in w.value for w in at.warning)
 
 
 def test_overview_grouping_drives_the_charts(ui_runs_env):

@@ -30,6 +30,10 @@ UNTRAINED_BANNER = ("**Untrained weights.** This run was made with seeded untrai
                     "its detections, neighbours and group numbers are structural only. They show that the "
                     "pipeline works end to end, not how DETR treats skin tones or lighting.")
 
+SIMULATED_BANNER = ("**Simulated.** This run is part of a simulated audit (`python -m index synthetic-audit`): its "
+                    "detections were drawn from planted probabilities (the manifest's `planted`), darker tones losing "
+                    "more in the darkened runs. Use it to learn the Detection audit page; it says nothing about DETR.")
+
 
 # ------------------------------------------------------------------ the chosen run
 def sync_run_choice(entries: list[runs.RunEntry]) -> runs.RunEntry | None:
@@ -73,7 +77,10 @@ def sidebar_picker(entries: list[runs.RunEntry], chosen: runs.RunEntry | None) -
 
 
 def untrained_banner(chosen: runs.RunEntry | None) -> None:
-    if chosen is not None and runs.is_untrained(chosen.manifest):
+    """The banner every page shows above itself: simulated (planted truth) or untrained weights."""
+    if chosen is not None and runs.is_simulated(chosen.manifest):
+        st.warning(SIMULATED_BANNER, icon=":material/science:")
+    elif chosen is not None and runs.is_untrained(chosen.manifest):
         st.warning(UNTRAINED_BANNER, icon=":material/warning:")
 
 

@@ -116,6 +116,11 @@ def is_untrained(manifest: dict) -> bool:
     return bool((manifest.get("checkpoint") or {}).get("untrained", False))
 
 
+def is_simulated(manifest: dict) -> bool:
+    """A run with planted truth (``python -m index synthetic-audit``): its numbers are simulated."""
+    return bool(manifest.get("planted"))
+
+
 def checkpoint_label(manifest: dict) -> str:
     ck = manifest.get("checkpoint") or {}
     name = ck.get("name") or ck.get("spec") or "unknown"
@@ -318,3 +323,19 @@ def build_demo(root: Path, settings: DemoSettings = DemoSettings(),
         build_index(run_dir)
         report(1.0, "done")
     return run_dir
+
+
+# ------------------------------------------------------------------ the simulated audit
+SIMULATED_NAME = "simulated-audit"
+
+
+def build_simulated_audit(root: Path, rows: int = 4000, seed: int = 0) -> list[Path]:
+    """Write ``<runs>/simulated-audit/{base,darken-0.5,darken-0.1}`` (``index.synthetic_audit``),
+    each indexed; rebuilt from scratch when it is there already. 4000 rows: ~15 s on 2 cores."""
+    from index.synthetic_audit import AuditSettings, write_synthetic_audit
+
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root / ".simulated.lock") as mine:
+        if not mine:
+            raise RuntimeError("another session is building the simulated audit right now; try again in a minute")
+        return write_synthetic_audit(root / SIMULATED_NAME, AuditSettings(seed=seed, rows=rows), overwrite=True)

@@ -29,6 +29,7 @@ SPECS = (
     PageSpec(f"{PAGES_DIR}/similar.py", "Find similar persons", ":material/person_search:"),
     PageSpec(f"{PAGES_DIR}/map.py", "Embedding map", ":material/scatter_plot:"),
     PageSpec(f"{PAGES_DIR}/groups.py", "Group comparison", ":material/balance:"),
+    PageSpec(f"{PAGES_DIR}/audit.py", "Detection audit", ":material/compare_arrows:"),
 )
 
 

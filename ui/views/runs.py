@@ -69,6 +69,7 @@ def render() -> None:
                 switch_to("overview")
     with st.expander("Extract another dataset"):
         st.markdown(runs.EXTRACT_HELP)
+    _simulated_audit(root)
 
 
 def _index_build(entry: runs.RunEntry, left, right) -> None:
@@ -149,3 +150,22 @@ def _no_runs(root) -> None:
             return
         st.session_state[DEMO_WAIT_KEY] = True
         st.rerun()
+    _simulated_audit(root)
+
+
+def _simulated_audit(root) -> None:
+    """The button that writes the simulated audit (three runs with planted losses) and opens its page."""
+    st.markdown("#### Simulated audit\nWith untrained weights every AR is about zero, so the Detection audit page has "
+                "nothing to show. The simulated audit writes three synthetic runs of one synthetic dataset "
+                "(`base`, `darken-0.5`, `darken-0.1`) whose detections lose more darker tones the darker the run, "
+                "with the planted truth in each manifest: learn the page on them. Every page labels them simulated.")
+    st.caption(f"About 15 s; writes `{root / runs.SIMULATED_NAME}` (`python -m index synthetic-audit` does the same).")
+    if st.button("Build the simulated audit", key="build-simulated"):
+        try:
+            with st.spinner("Writing the simulated runs…"):
+                dirs = runs.build_simulated_audit(root)
+        except (ValueError, RuntimeError, OSError) as exc:
+            st.error(f"The simulated audit could not be built: {exc}")
+            return
+        app.choose_run(f"{runs.SIMULATED_NAME}/{dirs[0].name}")
+        switch_to("audit")

@@ -1,0 +1,4 @@
+"""Page script (see ui.views.audit)."""
+from ui.views.audit import render
+
+render()
