@@ -246,13 +246,20 @@ def neighbour_composition(run: Run, by: str | Sequence[str], population: str = "
     ], ignore_index=True)
 
 
-def evaluated_persons(run: Run, where: str | None = None) -> pd.DataFrame:
-    """Annotated persons of readable images (the recall population), restricted by ``where``."""
-    persons = run.persons
-    mask = persons["evaluated"].to_numpy(dtype=bool, na_value=False)
-    if where:
-        mask = mask & population_mask(persons, "all", where)
-    return persons[mask]
+def person_readout(persons: pd.DataFrame, values: np.ndarray, metric: str, by: str | Sequence[str],
+                   settings: GroupSettings, where: str | None = None, counts: bool = False,
+                   **extra: object) -> pd.DataFrame:
+    """A per-person metric (values [len(persons)], finite) by group with every pairwise
+    disparity and the gap (``index.disparity.mean_readout``); ``where`` restricts the
+    persons. The detection audit's ``ar`` / ``recall50`` / ``recall75`` go through here
+    as the threshold recall does. extra: constant columns (e.g. the protocol)."""
+    mask = population_mask(persons, "all", where) if where else np.ones(len(persons), dtype=bool)
+    persons, values = persons[mask], np.asarray(values, dtype=np.float64)[mask]
+    groups = groups_of(persons, by)
+    return mean_readout(groups, values, persons["image_id"].to_numpy(), metric, settings.boot,
+                        settings.min_group_size, settings.include_unknown, settings.include_small, counts=counts,
+                        params=_params(groups, "persons", where, settings, include_unknown=settings.include_unknown,
+                                       include_small=settings.include_small, **extra))
 
 
 def detection_recall(run: Run, by: str | Sequence[str], settings: GroupSettings = GroupSettings(),
@@ -260,13 +267,9 @@ def detection_recall(run: Run, by: str | Sequence[str], settings: GroupSettings 
     """Threshold recall (a kept detection matched at IoU 0.5) of annotated persons of
     evaluated images per group, every pairwise difference and ratio with Holm-adjusted
     p-values, and ``recall_gap`` (``index.disparity``); image-cluster BCa intervals."""
-    persons = evaluated_persons(run, where)
-    groups = groups_of(persons, by)
+    persons = run.persons[run.persons["evaluated"].to_numpy(dtype=bool, na_value=False)]
     detected = persons["detected"].to_numpy(dtype=bool, na_value=False).astype(np.float64)
-    return mean_readout(groups, detected, persons["image_id"].to_numpy(), "recall", settings.boot,
-                        settings.min_group_size, settings.include_unknown, settings.include_small, counts=True,
-                        params=_params(groups, "persons", where, settings, include_unknown=settings.include_unknown,
-                                  include_small=settings.include_small))
+    return person_readout(persons, detected, "recall", by, settings, where, counts=True)
 
 
 def compare(run: Run, by: str | Sequence[str], metric: str, population: str | None = None,
