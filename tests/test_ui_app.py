@@ -108,9 +108,10 @@ def test_simulated_audit_is_one_click_away_and_drives_the_audit_page(tmp_path, m
     assert at.session_state[ui_app.RUN_KEY] == "simulated-audit/base"
     assert any("Simulated." in w.value for w in at.warning)  # the banner, and no untrained one
     assert not any("Untrained weights" in w.value for w in at.warning)
-    assert at.multiselect(key="aud_runs").value == [f"simulated-audit/{n}" for n in ("base", "darken-0.1", "darken-0.5")]
+    assert at.multiselect(key="aud_runs").value == [f"simulated-audit/{n}" for n in ("base", "darken-0.5", "darken-0.1")]
+    assert sum("Simulated." in w.value for w in at.warning) == 1
     lines = _charts(at)[0]["data"]
-    assert [t["name"] for t in lines] == ["base (reference)", "darken-0.1", "darken-0.5"]
+    assert [t["name"] for t in lines] == ["base (reference)", "darken-0.5", "darken-0.1"]
     assert len(lines[0]["x"]) == 4 and "error_y" in lines[0]  # the bands and unknown
     assert len(at.dataframe) == 2 and any("difference-in-differences" in m.value for m in at.markdown)
     at.selectbox(key="aud_by2").set_value("lighting").run()

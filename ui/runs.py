@@ -79,6 +79,12 @@ def _candidate_dirs(root: Path) -> list[tuple[str, Path]]:
     return out
 
 
+def sweep_order(folder: Path) -> list[str]:
+    """The run directories of a sweep (or simulated audit) folder in the order its sweep.json gives."""
+    doc, error = _read_json(folder / SWEEP_FILE) if (folder / SWEEP_FILE).is_file() else ({}, "absent")
+    return [str(r.get("dir")) for r in doc.get("runs", []) if isinstance(r, dict)] if error is None else []
+
+
 def list_runs(root: Path) -> list[RunEntry]:
     """Run directories under ``root`` (a dir with manifest.json; sweeps' runs too), by name."""
     out = []

@@ -24,7 +24,10 @@ def _default(entries: list[runs.RunEntry]) -> list[str]:
     chosen = st.session_state.get(app.RUN_KEY)
     if chosen and "/" in chosen:
         folder = chosen.split("/", 1)[0]
-        return [e.name for e in entries if e.name.startswith(folder + "/")]
+        siblings = [e.name for e in entries if e.name.startswith(folder + "/")]
+        order = runs.sweep_order(runs.runs_root() / folder)
+        return sorted(siblings, key=lambda n: order.index(n.split("/", 1)[1]) if n.split("/", 1)[1] in order
+                      else len(order))
     return [chosen] if chosen in {e.name for e in entries} else []
 
 
@@ -40,8 +43,8 @@ def render() -> None:
     picked = st.multiselect("Runs of one dataset (the first is the reference)", names, default=_default(entries),
                             key="aud_runs", help="every run must have the same annotations and persons")
     c = st.columns([1, 2, 2, 1, 1, 1])
-    metric = c[0].selectbox("Metric", CROSS_METRICS, index=CROSS_METRICS.index("recall") if "ar" not in CROSS_METRICS
-                            else 0, key="aud_metric",
+    # recall by default: every run has it (AR needs predictions.parquet, absent from older runs).
+    metric = c[0].selectbox("Metric", CROSS_METRICS, index=CROSS_METRICS.index("recall"), key="aud_metric",
                             help="recall = threshold recall (a kept detection at IoU 0.5); ar / recall50 / recall75 "
                                  "= COCO per-person metrics of the detection audit")
     first = c[1].selectbox("Grouping", index.GROUPINGS, index=index.GROUPINGS.index("mst_band"), key="aud_by")
@@ -56,7 +59,9 @@ def render() -> None:
         st.info("Pick at least two runs: the first is the reference the others are compared with.")
         return
     chosen = [runs.find_run(entries, n) for n in picked]
-    if any(runs.is_simulated(e.manifest) for e in chosen):
+    current = runs.find_run(entries, st.session_state.get(app.RUN_KEY))
+    shown = current is not None and runs.is_simulated(current.manifest)  # the banner above every page says it
+    if not shown and any(runs.is_simulated(e.manifest) for e in chosen):
         st.warning(app.SIMULATED_BANNER, icon=":material/science:")
     settings = CrossSettings(n_boot=int(n_boot), seed=int(seed), min_group_size=int(min_size))
     dirs = tuple(str(e.path) for e in chosen)
