@@ -92,7 +92,7 @@ def test_cli_errors_are_one_line_exit_2(cli_run, tmp_path, capsys, args, expecte
 def test_every_option_has_help():
     parser = _parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"build", "compare", "synthetic"}
+    assert set(sub.choices) == {"build", "compare", "compare-runs", "synthetic", "synthetic-audit"}
     for name, command in sub.choices.items():
         for action in command._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
