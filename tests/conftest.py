@@ -56,3 +56,12 @@ def ui_runs_env(ui_demo, monkeypatch) -> UiDemo:
     monkeypatch.setenv("RUNS_DIR", str(ui_demo.runs_dir))
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     return ui_demo
+
+
+@pytest.fixture(scope="session")
+def simulated_audit(tmp_path_factory) -> list:
+    """The simulated audit (``python -m index synthetic-audit``, 1600 rows, seed 4): its three run dirs in order."""
+    from index.__main__ import main
+    root = tmp_path_factory.mktemp("sim") / "audit"
+    assert main(["synthetic-audit", str(root), "--rows", "1600", "--seed", "4"]) == 0
+    return [root / "base", root / "darken-0.5", root / "darken-0.1"]

@@ -17,10 +17,8 @@ N_BOOT = 300
 
 
 @pytest.fixture(scope="module")
-def audit_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sim") / "audit"
-    assert main(["synthetic-audit", str(root), "--rows", "1600", "--seed", "4"]) == 0
-    return [root / "base", root / "darken-0.5", root / "darken-0.1"]
+def audit_runs(simulated_audit):
+    return simulated_audit
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,12 @@ from index.__main__ import main
 from index.crossruns import CrossSettings
 from ui import audit
 
-SETTINGS = CrossSettings(n_boot=60, seed=1, min_group_size=40)
+SETTINGS = CrossSettings(n_boot=60, seed=1, min_group_size=80)
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sim") / "audit"
-    assert main(["synthetic-audit", str(root), "--rows", "1200", "--seed", "2"]) == 0
-    return [root / "base", root / "darken-0.5", root / "darken-0.1"]
+def sim(simulated_audit):
+    return simulated_audit
 
 
 @pytest.fixture(scope="module")
