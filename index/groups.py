@@ -189,7 +189,7 @@ def similarity(run: Run, by: str, population: str = "detections", settings: Grou
     """
     rows = population_rows(run.meta, population)
     labels, M = membership(run.meta.iloc[rows], by)
-    X = run.normalised(rows)
+    X = run.unit_rows(rows)  # streamed in blocks when the rows do not fit in RAM
     sizes = M.sum(axis=0)
     Q, Xs = _strata(M, X)
     S = Q.T @ np.array([x.sum(axis=0, dtype=np.float64) for x in Xs]).reshape(len(Xs), X.shape[1])  # [G, d]
