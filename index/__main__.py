@@ -12,7 +12,7 @@ from typing import NoReturn, Sequence
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from extractor.rundir import atomic_write
-from index.build import KINDS, BuildSettings, build_index
+from index.build import AUTO_RAM_SHARE, KINDS, BuildSettings, build_index
 from index.export import to_csv_bytes
 from index.groups import GROUPINGS, METRICS, POPULATIONS, GroupSettings, compare
 from index.store import load_run
@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("run", type=Path, help="run directory written by the extractor")
     b.add_argument("--kind", choices=KINDS, default="auto",
                    help="flat = exact IndexFlatIP; hnsw / ivf = approximate with a tuned search parameter; "
-                        "auto = flat up to --exact-max-rows rows, approximate above (default: auto)")
+                        "ivfpq = 32-byte codes in RAM re-ranked exactly from embeddings.npy (runs larger than memory); "
+                        "auto = flat up to --exact-max-rows rows, ivf above, ivfpq once the float32 vectors exceed "
+                        f"{AUTO_RAM_SHARE:g} of RAM (default: auto)")
     b.add_argument("--seed", type=int, default=0, help="seed of the training sample and recall queries (default: 0)")
     b.add_argument("--exact-max-rows", type=int, default=BuildSettings.exact_max_rows,
                    help="largest run that auto indexes exactly (default: %(default)s)")

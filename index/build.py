@@ -36,12 +36,13 @@ KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 # efConstruction=40) builds as slowly and saturates near recall 0.8 on clustered data.
 AUTO_APPROXIMATE = "ivf"
 # Above exact_max_rows, `auto` builds ivfpq instead of IVF-Flat when the float32 vectors
-# (n x dim x 4 bytes) exceed this share of RAM. IVF-Flat keeps a copy of them in RAM once
-# loaded and holds them about twice while it builds (the normalised rows plus the
-# index; bench/large_index_bench.py --ivf-peak measured 2.1x at 300k rows), so this
-# keeps its build within a quarter of RAM and leaves the rest to the metadata, the app
-# and the other processes of the machine. 24 GB of RAM: IVF-Flat up to ~2.9M rows of
-# 256-d, ivfpq above.
+# (n x dim x 4 bytes) exceed this share of RAM. A loaded IVF-Flat holds a copy of them;
+# its build peaks at 4.4x them (measured: `/usr/bin/time python -m index build RUN
+# --kind ivf` on a 300k-row synthetic run, 1478 MB peak for 293 MiB of vectors over a
+# 176 MB interpreter: the normalised rows, the index, the memory-mapped file's pages and
+# the scoring blocks). At 1/8 that build stays near half of RAM and the loaded index at
+# an eighth, leaving the rest to the metadata, the app and the machine's other
+# processes. 24 GB of RAM: IVF-Flat up to ~2.9M rows of 256-d, ivfpq above.
 AUTO_RAM_SHARE = 0.125
 RECALL_K = 10
 MIN_APPROXIMATE_ROWS = 100  # enough to train and to draw two recall samples
