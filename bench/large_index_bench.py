@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from index import load_run  # noqa: E402
 from index import ivfpq  # noqa: E402
-from index.vectors import normalise  # noqa: E402
+from index.vectors import normalise, release_rows  # noqa: E402
 
 
 def child(args: list[str]) -> dict:
@@ -65,6 +65,7 @@ def brute_topk(xb: np.ndarray, q_rows: np.ndarray, k: int, allowed: np.ndarray |
     best_i = np.full((len(q_rows), k), -1, dtype=np.int64)
     for lo in range(0, len(xb), block):
         x = normalise(xb[lo:lo + block])
+        release_rows(xb, lo, lo + len(x))
         s = xq @ x.T
         ids = np.arange(lo, lo + len(x))
         s[q_rows[:, None] == ids[None, :]] = -np.inf

@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from index.vectors import CHUNK_ROWS, bad_rows, normalise
+from index.vectors import CHUNK_ROWS, bad_rows, normalise, release_rows
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def build(xb: np.ndarray, nlist: int, pq_m: int, seed: int, niter: int,
     n_train = min(n, max(40 * nlist, 40 * 2**PQ_NBITS))
     rows = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
     train = normalise(xb[rows])
+    release_rows(xb, 0, n)
     if len(bad_rows(train)):
         raise ValueError(f"embedding rows {rows[bad_rows(train)][:5].tolist()} are zero or not finite: extract the run again")
     log.info("training %d lists and %d x %d-bit sub-quantisers on %d rows", nlist, pq_m, PQ_NBITS, n_train)
@@ -90,6 +91,7 @@ def build(xb: np.ndarray, nlist: int, pq_m: int, seed: int, niter: int,
             raise ValueError(f"embedding rows {(bad[:5] + lo).tolist()} are zero or not finite: extract the run again")
         index.add(block)
         on_block(lo, block)
+        release_rows(xb, lo, lo + len(block))
     return index, {"nlist": nlist, "n_train": int(n_train), "niter": niter, "m": pq_m, "nbits": PQ_NBITS}
 
 

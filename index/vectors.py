@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -64,6 +65,24 @@ def file_checksum(path: Path) -> str:
     with _checksums_lock:
         _checksums[key] = value
     return value
+
+
+def release_rows(xb: np.ndarray, lo: int, hi: int) -> None:
+    """Drop rows lo..hi-1 of a memory-mapped file (``np.load(..., mmap_mode="r")``) from
+    this process's resident set; a no-op for other arrays.
+
+    Pages read through a mapping stay counted in the process's RSS (RssFile) until it
+    is unmapped, so one pass over a 5 GB embeddings file would show as 5 GB resident.
+    MADV_DONTNEED on clean pages of a read-only file mapping only unmaps them: the page
+    cache keeps them and the next read maps them again.
+    """
+    if not isinstance(getattr(xb, "base", None), mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or hi <= lo:
+        return
+    mm = xb.base
+    first = xb.offset % mmap.ALLOCATIONGRANULARITY  # where numpy's mapping puts row 0
+    start, end = first + lo * xb.strides[0], min(first + hi * xb.strides[0], len(mm))
+    start -= start % mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 @contextlib.contextmanager
@@ -185,7 +204,11 @@ class UnitRows:
             yield 0, self._kept
             return
         for lo in range(0, len(self.ids), CHUNK_ROWS):
-            yield lo, normalise(self.xb[self.ids[lo:lo + CHUNK_ROWS]])
+            ids = self.ids[lo:lo + CHUNK_ROWS]
+            block = normalise(self.xb[ids])
+            if len(ids):
+                release_rows(self.xb, int(ids.min()), int(ids.max()) + 1)
+            yield lo, block
 
     def sum(self, axis: int = 0, dtype: type = np.float64) -> np.ndarray:
         if axis != 0:
