@@ -205,3 +205,23 @@ def test_knn_accumulator_equals_brute_force():
     s = xq.astype(np.float64) @ xb.T.astype(np.float64)
     np.testing.assert_array_equal(I, np.argsort(-s, axis=1, kind="stable")[:, :7])
     np.testing.assert_allclose(D, np.sort(s, axis=1)[:, ::-1][:, :7], atol=1e-5)
+
+
+def _rss_file_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_streamed_pass_does_not_keep_the_file_resident(tmp_path, monkeypatch):
+    monkeypatch.setattr(index.vectors, "IN_MEMORY_BYTES", 0)
+    path = tmp_path / "x.npy"
+    np.save(path, np.random.default_rng(0).random((80_000, 256), dtype=np.float32))  # 78 MB
+    xb = np.load(path, mmap_mode="r")
+    before = _rss_file_mb()
+    total = UnitRows(xb, np.arange(len(xb))).sum()
+    assert _rss_file_mb() - before < 20
+    assert np.isfinite(total).all()
+    np.asarray(xb).sum()  # the same pass through the mapping without releasing: resident
+    assert _rss_file_mb() - before > 60
