@@ -106,29 +106,35 @@ def candidates(index: faiss.IndexIVFPQ, xn: np.ndarray, depth: int, nprobe: int,
     return index.search(xn, depth, params=params)[1]
 
 
+RERANK_QUERY_BLOCK = 256  # queries re-ranked together: bounds [block, R, d] gathers (~32 MB at R = 128)
+
+
 def rerank(xb: np.ndarray, xn: np.ndarray, C: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-k of each query among its candidates.
 
     xn: [nq, d] unit queries; C: [nq, R] candidate ids (-1 = none) into the raw
-    embeddings xb. Rows are read once per call, in file order. Returns D, I [nq, k]
-    best first, -inf / -1 past the last candidate.
+    embeddings xb. Each block of queries reads its candidates' rows once, in file
+    order. Returns D, I [nq, k] best first, -inf / -1 past the last candidate.
     """
     nq = len(xn)
     D = np.full((nq, k), -np.inf, dtype=np.float32)
     I = np.full((nq, k), -1, dtype=np.int64)
-    valid = C >= 0
-    if not valid.any():
-        return D, I
-    ids = np.unique(C[valid])
-    unit = normalise(xb[ids])
-    pos = np.searchsorted(ids, np.where(valid, C, ids[0]))
-    scores = np.einsum("qrd,qd->qr", unit[pos], xn, dtype=np.float32, optimize=False)
-    scores[~valid] = -np.inf
-    # Best first; equal scores keep FAISS's candidate order, then id order at most.
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    kk = order.shape[1]
-    D[:, :kk] = np.take_along_axis(scores, order, axis=1)
-    I[:, :kk] = np.where(np.isfinite(D[:, :kk]), np.take_along_axis(C, order, axis=1), -1)
+    for q0 in range(0, nq, RERANK_QUERY_BLOCK):
+        c = C[q0:q0 + RERANK_QUERY_BLOCK]
+        valid = c >= 0
+        if not valid.any():
+            continue
+        ids = np.unique(c[valid])
+        unit = normalise(xb[ids])
+        pos = np.searchsorted(ids, np.where(valid, c, ids[0]))
+        scores = np.einsum("qrd,qd->qr", unit[pos], xn[q0:q0 + RERANK_QUERY_BLOCK], dtype=np.float32)
+        scores[~valid] = -np.inf
+        # Best first; equal scores keep FAISS's candidate order.
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        kk = order.shape[1]
+        d = np.take_along_axis(scores, order, axis=1)
+        D[q0:q0 + len(c), :kk] = d
+        I[q0:q0 + len(c), :kk] = np.where(np.isfinite(d), np.take_along_axis(c, order, axis=1), -1)
     return D, I
 
 
