@@ -58,24 +58,26 @@ def status_mb() -> dict:
     return out
 
 
-def brute_topk(xb: np.ndarray, q_rows: np.ndarray, k: int, allowed: np.ndarray | None, block: int = 262_144) -> np.ndarray:
-    """Exact top-k ids of each query row (excluding itself) by numpy over blocks of the file."""
+def brute_topk(xb: np.ndarray, q_rows: np.ndarray, k: int, allowed: np.ndarray,
+               block: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k ids of each query row (excluding itself) by numpy in one pass over the
+    file: over every row, and over the ``allowed`` rows."""
     xq = normalise(xb[q_rows]).astype(np.float32)
-    best_s = np.full((len(q_rows), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(q_rows), k), -1, dtype=np.int64)
+    best = [(np.full((len(q_rows), k), -np.inf, np.float32), np.full((len(q_rows), k), -1, np.int64)) for _ in range(2)]
     for lo in range(0, len(xb), block):
         x = normalise(xb[lo:lo + block])
         release_rows(xb, lo, lo + len(x))
         s = xq @ x.T
         ids = np.arange(lo, lo + len(x))
         s[q_rows[:, None] == ids[None, :]] = -np.inf
-        if allowed is not None:
-            s[:, ~allowed[lo:lo + len(x)]] = -np.inf
-        cat_s = np.concatenate([best_s, s], axis=1)
-        cat_i = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
-        part = np.argpartition(-cat_s, k, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(cat_s, part, axis=1), np.take_along_axis(cat_i, part, axis=1)
-    return best_i
+        for j, keep in enumerate((None, allowed[lo:lo + len(x)])):
+            if keep is not None:
+                s[:, ~keep] = -np.inf
+            cat_s = np.concatenate([best[j][0], s], axis=1)
+            cat_i = np.concatenate([best[j][1], np.broadcast_to(ids, s.shape)], axis=1)
+            part = np.argpartition(-cat_s, k, axis=1)[:, :k]
+            best[j] = (np.take_along_axis(cat_s, part, axis=1), np.take_along_axis(cat_i, part, axis=1))
+    return best[0][1], best[1][1]
 
 
 def recall(I: np.ndarray, gt: np.ndarray) -> float:
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap rounds of the compare step")
     parser.add_argument("--cost", action="store_true", help="measure the scan / re-rank cost ratio")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
+    parser.add_argument("--reuse-index", action="store_true", help="keep an index already built (no build figures)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -144,8 +147,11 @@ def main() -> None:
         if not (run_dir / "manifest.json").is_file():
             res["synthetic"] = child(["-m", "index", "synthetic", str(run_dir), "--rows", str(args.rows), "--seed", str(args.seed)])
             logging.info("synthetic: %.0f s, peak %.0f MB", res["synthetic"]["s"], res["synthetic"]["peak_mb"])
-        shutil.rmtree(run_dir / "index", ignore_errors=True)
-        res["build"] = child(["-m", "index", "build", str(run_dir), "--seed", str(args.seed)])
+        if args.reuse_index and (run_dir / "index" / "manifest.json").is_file():
+            res["build"] = {"s": float("nan"), "peak_mb": float("nan"), "out": ""}
+        else:
+            shutil.rmtree(run_dir / "index", ignore_errors=True)
+            res["build"] = child(["-m", "index", "build", str(run_dir), "--seed", str(args.seed)])
         manifest = json.loads((run_dir / "index" / "manifest.json").read_text())
         logging.info("build: %.0f s, peak %.0f MB, %s %s", res["build"]["s"], res["build"]["peak_mb"], manifest["kind"],
                      manifest["params"])
@@ -174,8 +180,9 @@ def main() -> None:
             res[label] = percentiles(times)
             res[label + "_spread"] = [float(np.percentile(times, p) * 1e3) for p in (10, 90)]
         q_rows = rng.choice(run.n, args.recall_queries, replace=False)
-        res["recall"] = recall(run.neighbours(q_rows, 10)[1], brute_topk(run.xb, q_rows, 10, None))
-        res["recall_f10"] = recall(run.neighbours(q_rows, 10, where=where10)[1], brute_topk(run.xb, q_rows, 10, mask10))
+        gt, gt10 = brute_topk(run.xb, q_rows, 10, mask10)
+        res["recall"] = recall(run.neighbours(q_rows, 10)[1], gt)
+        res["recall_f10"] = recall(run.neighbours(q_rows, 10, where=where10)[1], gt10)
         if args.cost:
             res["cost"] = cost_figures(run, rng)
         res["after_queries"] = status_mb()
