@@ -183,6 +183,13 @@ def main() -> None:
         gt, gt10 = brute_topk(run.xb, q_rows, 10, mask10)
         res["recall"] = recall(run.neighbours(q_rows, 10)[1], gt)
         res["recall_f10"] = recall(run.neighbours(q_rows, 10, where=where10)[1], gt10)
+        # Share of the true top 10 among the first d candidates of the codes, per nprobe:
+        # what re-ranking d candidates would give (index.ivfpq.coverage).
+        xq = run.normalised(q_rows)
+        depths = (64, 128, 256, 512, 1024, 2048, 4096)
+        res["coverage"] = {int(p): [round(float(c), 4) for c in ivfpq.coverage(
+            ivfpq.candidates(run._index, xq, depths[-1], p), gt, depths)] for p in (16, 64, 256, run._index.nlist)}
+        res["coverage_depths"] = list(depths)
         if args.cost:
             res["cost"] = cost_figures(run, rng)
         res["after_queries"] = status_mb()

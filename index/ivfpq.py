@@ -30,7 +30,7 @@ from index.vectors import CHUNK_ROWS, bad_rows, normalise, release_rows
 log = logging.getLogger(__name__)
 
 PQ_NBITS = 8
-RERANK_DEPTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+RERANK_DEPTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 # Cost of re-ranking one candidate (a ~1 KB read from the page cache, normalising it,
 # one dot product) in units of scanning one 32-byte code in an inverted list; the
 # tuner picks the cheapest (nprobe, rerank) reaching the aim. Measured at 1M rows on
