@@ -31,12 +31,12 @@ log = logging.getLogger(__name__)
 
 PQ_NBITS = 8
 RERANK_DEPTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-# Cost of re-ranking one candidate (a ~1 KB read from the page cache, normalising it,
-# one dot product) in units of scanning one 32-byte code in an inverted list; the
-# tuner picks the cheapest (nprobe, rerank) reaching the aim. Measured at 1M rows on
-# the 2-core VM (bench/large_index_bench.py --rows 1000000 --cost): ~2 us a candidate
-# against ~2 ns a code.
-RERANK_COST_CODES = 1000
+# Cost of re-ranking one candidate (reading its row through the memory map, normalising
+# it, one dot product) in units of scanning one 32-byte code in an inverted list; the
+# tuner picks the cheapest (nprobe, rerank) reaching the aim. Measured at 5M rows on the
+# shared 2-core VM (bench/large_index_bench.py --cost): 41 us a candidate against
+# 153 ns a code, a ratio of 266 (both inflated by the load, the ratio less so).
+RERANK_COST_CODES = 250
 
 
 def nlist_for(n: int, requested: int = 0) -> int:
