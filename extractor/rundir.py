@@ -6,6 +6,8 @@ runs/<name>/
   images.parquet       image_id, filename, path, width, height, status, n_persons, n_rows
   persons.parquet      person_id, image_id, gt box, attributes, det_id, embedding_det_id, ...
   detections.parquet   det_id, image_id, query_idx, score, x1..y2, person_id, iou, detected, ...
+  predictions.parquet  every query of every readable image: image_id, query_idx, x1..y2, p_person,
+                       label (argmax over the 91 classes), label_score (DETR's PostProcess)
   embeddings.npy       float32 [N, 256]; row i is det_id i
   index/               built by ``python -m index build``
   cache/               derived, reproducible artefacts (projections)
@@ -26,10 +28,11 @@ IMAGES = "images.parquet"
 PERSONS = "persons.parquet"
 DETECTIONS = "detections.parquet"
 EMBEDDINGS = "embeddings.npy"
+PREDICTIONS = "predictions.parquet"
 WORK_DIR = ".work"
 INDEX_DIR = "index"
 CACHE_DIR = "cache"
-OUTPUTS = (IMAGES, PERSONS, DETECTIONS, EMBEDDINGS, MANIFEST)
+OUTPUTS = (IMAGES, PERSONS, DETECTIONS, PREDICTIONS, EMBEDDINGS, MANIFEST)
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
