@@ -88,9 +88,13 @@ def coco_matches(det_image: np.ndarray, det_score: np.ndarray, det_box: np.ndarr
     matched = np.zeros((T, G), dtype=bool)
     if D == 0 or G == 0:
         return matched.T
-    det_order = np.arange(D) if det_order is None else np.asarray(det_order)
-    score = np.asarray(det_score, dtype=np.float64)
-    d_sort = np.lexsort((det_order, -score, det_image))
+    # Three stable passes (query order, then score, then image): much faster than lexsort
+    # on mixed dtypes; the first is skipped when the rows already come in query order.
+    d_sort = np.arange(D)
+    if det_order is not None:
+        d_sort = np.argsort(np.asarray(det_order), kind="stable")
+    d_sort = d_sort[np.argsort(-np.asarray(det_score, dtype=np.float64)[d_sort], kind="stable")]
+    d_sort = d_sort[np.argsort(det_image[d_sort], kind="stable")]
     d_img = det_image[d_sort]
     d_first = np.r_[True, d_img[1:] != d_img[:-1]]
     d_start_of = np.maximum.accumulate(np.where(d_first, np.arange(D), 0))
@@ -102,7 +106,9 @@ def coco_matches(det_image: np.ndarray, det_score: np.ndarray, det_box: np.ndarr
     images, d_start, d_count = np.unique(d_img, return_index=True, return_counts=True)
     g_lo, g_hi = np.searchsorted(g_img, images, "left"), np.searchsorted(g_img, images, "right")
     pd_, pg = _ragged_pairs(d_start, d_count, g_lo, g_hi - g_lo)  # positions in d_sort / g_sort
-    iou = coco_iou(np.asarray(det_box)[d_sort[pd_]], np.asarray(gt_box)[g_sort[pg]])
+    det_box = np.ascontiguousarray(det_box, dtype=np.float64)[d_sort]
+    gt_box = np.ascontiguousarray(gt_box, dtype=np.float64)[g_sort]
+    iou = coco_iou(det_box[pd_], gt_box[pg])
     keep = iou >= min(thresholds.min(), 1 - 1e-10)
     pd_, pg, iou = pd_[keep], pg[keep], iou[keep]
     if len(pd_) == 0:
