@@ -48,13 +48,16 @@ _BOX = ("x1", "y1", "x2", "y2")
 def coco_iou(dt: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """pycocotools' bbIou for aligned pairs of xyxy boxes: [K, 4] x [K, 4] -> [K] float64.
 
-    Computed as pycocotools does from (x, y, w, h) in double precision, so thresholds
-    compare identically: w = min(x+w) - max(x), zero overlap when w <= 0 or h <= 0.
+    The boxes become (x, y, w, h) with w = x2 - x1 in float32, as DETR's evaluator
+    converts them before ``tolist()``; then pycocotools' double arithmetic: overlap
+    w = min(x + w) - max(x), zero when w <= 0 or h <= 0. So thresholds compare exactly
+    as in COCOeval.
     """
-    d = np.asarray(dt, dtype=np.float64).reshape(-1, 4)
-    g = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
-    dw, dh = d[:, 2] - d[:, 0], d[:, 3] - d[:, 1]
-    gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+    d32 = np.asarray(dt, dtype=np.float32).reshape(-1, 4)
+    g32 = np.asarray(gt, dtype=np.float32).reshape(-1, 4)
+    d, g = d32.astype(np.float64), g32.astype(np.float64)
+    dw, dh = (d32[:, 2] - d32[:, 0]).astype(np.float64), (d32[:, 3] - d32[:, 1]).astype(np.float64)
+    gw, gh = (g32[:, 2] - g32[:, 0]).astype(np.float64), (g32[:, 3] - g32[:, 1]).astype(np.float64)
     w = np.minimum(d[:, 0] + dw, g[:, 0] + gw) - np.maximum(d[:, 0], g[:, 0])
     h = np.minimum(d[:, 1] + dh, g[:, 1] + gh) - np.maximum(d[:, 1], g[:, 1])
     inter = w * h
@@ -78,7 +81,7 @@ def coco_matches(det_image: np.ndarray, det_score: np.ndarray, det_box: np.ndarr
                  thresholds: np.ndarray = IOU_THRESHOLDS, max_dets: int = MAX_DETS) -> np.ndarray:
     """Which ground-truth boxes COCOeval matches at each threshold: bool [G, T].
 
-    det_image [D], det_score [D], det_box [D, 4] xyxy pixels (one category already);
+    det_image [D], det_score [D], det_box [D, 4] xyxy pixels, float32 (one category already);
     gt_image [G], gt_box [G, 4]; the gt order within an image is their order here.
     det_order [D]: position of a detection in the results list (ties in score keep it;
     default: the given order).
@@ -106,8 +109,8 @@ def coco_matches(det_image: np.ndarray, det_score: np.ndarray, det_box: np.ndarr
     images, d_start, d_count = np.unique(d_img, return_index=True, return_counts=True)
     g_lo, g_hi = np.searchsorted(g_img, images, "left"), np.searchsorted(g_img, images, "right")
     pd_, pg = _ragged_pairs(d_start, d_count, g_lo, g_hi - g_lo)  # positions in d_sort / g_sort
-    det_box = np.ascontiguousarray(det_box, dtype=np.float64)[d_sort]
-    gt_box = np.ascontiguousarray(gt_box, dtype=np.float64)[g_sort]
+    det_box = np.ascontiguousarray(det_box, dtype=np.float32)[d_sort]
+    gt_box = np.ascontiguousarray(gt_box, dtype=np.float32)[g_sort]
     iou = coco_iou(det_box[pd_], gt_box[pg])
     keep = iou >= min(thresholds.min(), 1 - 1e-10)
     pd_, pg, iou = pd_[keep], pg[keep], iou[keep]
