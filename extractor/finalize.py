@@ -53,24 +53,14 @@ def assemble_rows(plan: Plan, shards: list[dict]) -> tuple[pd.DataFrame, np.ndar
     return rows.iloc[order].reset_index(drop=True), emb[order], status
 
 
-PREDICTION_COLUMNS = ("image_id", "query_idx", "x1", "y1", "x2", "y2", "p_person", "label", "label_score")
-_PREDICTION_DTYPES = {"image_id": "int64", "query_idx": "int16", "label": "int8"}
-
-
 def assemble_predictions(shards: list[dict]) -> pd.DataFrame:
     """Every query of every readable image, sorted by (image_id, query_idx)."""
     frames = [sh["predictions"] for sh in shards if sh.get("predictions") is not None]
     if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=_PREDICTION_DTYPES.get(c, "float32")) for c in PREDICTION_COLUMNS})
-    pred = pd.concat(frames, ignore_index=True)[list(PREDICTION_COLUMNS)]
+        return rundir.empty_predictions()
+    pred = pd.concat(frames, ignore_index=True)[list(rundir.PREDICTION_COLUMNS)]
     order = np.lexsort((pred["query_idx"].to_numpy(), pred["image_id"].to_numpy()))
     return pred.iloc[order].reset_index(drop=True)
-
-
-def write_predictions(path, pred: pd.DataFrame) -> None:
-    """predictions.parquet at about 2.7 KB per image (100 queries): the floats are
-    near-incompressible, so zstd over plain encoding; the sorted image_id costs ~nothing."""
-    pred.to_parquet(path, index=False, compression="zstd", use_dictionary=["image_id", "label"])
 
 
 def _attributes_for(rows: pd.DataFrame, persons: pd.DataFrame) -> pd.DataFrame:
@@ -148,7 +138,7 @@ def write_outputs(s: ExtractSettings, plan: Plan, dataset: Dataset, ckpt: Loaded
     out = s.out
     rundir.atomic_write(out / rundir.EMBEDDINGS, lambda p: _save_npy(p, emb))
     pred = assemble_predictions(shards)
-    rundir.atomic_write(out / rundir.PREDICTIONS, lambda p: write_predictions(p, pred))
+    rundir.atomic_write(out / rundir.PREDICTIONS, lambda p: rundir.write_predictions(p, pred))
     for name, df in ((rundir.DETECTIONS, det), (rundir.PERSONS, persons), (rundir.IMAGES, images)):
         rundir.atomic_write(out / name, lambda p, df=df: df.to_parquet(p, index=False))
 

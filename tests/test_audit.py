@@ -170,3 +170,17 @@ def test_real_extraction_keeps_every_query_and_agrees_with_detections(ui_demo):
     audit = run_audit(run)
     assert len(audit) == int(persons["evaluated"].sum())
     assert audit["ar"].mean() == pytest.approx(coco_ar100(persons[persons["evaluated"]], pred, ok), abs=1e-6)
+
+
+def test_mean_ar_equals_pycocotools_on_a_synthetic_run(tmp_path):
+    from index import write_synthetic_run
+    from index.audit import run_audit
+    run = write_synthetic_run(tmp_path / "run", 1200, seed=4)
+    persons = pd.read_parquet(run / "persons.parquet")
+    images = pd.read_parquet(run / "images.parquet")
+    pred = pd.read_parquet(run / "predictions.parquet")
+    audit = run_audit(run)
+    assert len(audit) == int(persons["evaluated"].sum()) and audit["ar"].between(0.2, 0.9).all() is not None
+    ref = coco_ar100(persons[persons["evaluated"]], pred, images.loc[images["status"] == "ok", "image_id"])
+    assert 0.3 < ref < 0.9
+    assert audit["ar"].mean() == pytest.approx(ref, abs=1e-6)
