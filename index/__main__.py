@@ -53,10 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"grouping: {', '.join(GROUPINGS)}")
     c.add_argument("--metric", required=True, choices=METRICS,
                    help="similarity = centroid and mean pairwise cosine; neighbours = share of each group among "
-                        "the k nearest neighbours vs its base rate; recall = detection recall per group and the gap")
+                        "the k nearest neighbours vs its base rate; recall = kept detections (P(person) >= the run's "
+                        "threshold) matched at IoU 0.5, per group and the gap; ar / recall50 / recall75 = COCO "
+                        "AR@100 over IoU .50:.05:.95 / recall at IoU .50 / .75 of every query labelled person "
+                        "(needs predictions.parquet), with image-bootstrap intervals")
     c.add_argument("--population", choices=POPULATIONS, default=None,
                    help="rows compared: detections = matched detections, persons = one row per annotated person, "
-                        "all = every row (default: detections; recall always counts annotated persons)")
+                        "all = every row (default: detections; recall and AR always count annotated persons)")
     c.add_argument("--k", type=int, default=GroupSettings.k, help="neighbours per query (default: %(default)s)")
     c.add_argument("--n-boot", type=int, default=GroupSettings.n_boot,
                    help="bootstrap rounds for the 95%% intervals (default: %(default)s)")

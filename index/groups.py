@@ -1,4 +1,4 @@
-"""Group read-outs over a run: similarity matrices, neighbour composition, recall.
+"""Group read-outs over a run: similarity matrices, neighbour composition, recall, COCO AR.
 
 A grouping is an [N, G] boolean membership matrix plus labels, so overlapping
 (``mst_any``, ``lighting``) and exclusive (``mst_mode``) groupings share the code.
@@ -12,13 +12,15 @@ matching nobody carry no attributes and so fall in ``unknown`` (``no`` for a
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from extractor.groups import AGE_VALUES, GENDER_VALUES, LIGHTING_FLAGS, MST_BANDS, MST_TONES, UNKNOWN
-from index.stats import newcombe_difference, percentile_interval, resample_counts, wilson
+from index.audit import AUDIT_METRICS, PROTOCOLS, run_audit
+from index.stats import cluster_bootstrap_means, newcombe_difference, percentile_interval, resample_counts, wilson
 from index.store import Run
 
 try:
@@ -31,7 +33,8 @@ GROUPINGS = (
     "gender_mode", "gender_any", "age_mode", "age_any",
 )
 POPULATIONS = ("detections", "persons", "all")
-METRICS = ("similarity", "neighbours", "recall")
+METRICS = ("similarity", "neighbours", "recall", *AUDIT_METRICS)
+ALL = "all"  # the group holding the whole population in the recall and AR read-outs
 _BOOT_CHUNK = 64  # bootstrap rounds per matrix product; fixed so results do not depend on n
 
 
@@ -267,11 +270,15 @@ def detection_recall(run: Run, by: str, settings: GroupSettings = GroupSettings(
     x = (M & detected[:, None]).sum(axis=0)
     p, lo, hi = wilson(x, n)
     small = n < settings.min_group_size
-    params = dict(grouping=by, population="persons", min_group_size=settings.min_group_size)
+    params = dict(grouping=by, population="persons", min_group_size=settings.min_group_size,
+                  protocol=PROTOCOLS["recall"], interval="Wilson 95%")
+    n_all, x_all = len(persons), int(detected.sum())
+    p_all, lo_all, hi_all = wilson(np.array([x_all]), np.array([n_all]))
     out = pd.DataFrame({
-        "group_a": labels, "group_b": "", "metric": "recall", "value": p, "ci_low": lo, "ci_high": hi,
-        "n_a": n.astype(np.int64), "n_b": 0, "small_group": small, **params,
-        "detected_a": x.astype(np.int64), "detected_b": 0,
+        "group_a": [*labels, ALL], "group_b": "", "metric": "recall", "value": np.r_[p, p_all],
+        "ci_low": np.r_[lo, lo_all], "ci_high": np.r_[hi, hi_all], "n_a": np.r_[n, n_all].astype(np.int64), "n_b": 0,
+        "small_group": np.r_[small, n_all < settings.min_group_size], **params,
+        "detected_a": np.r_[x, x_all].astype(np.int64), "detected_b": 0,
     })
     filled = np.flatnonzero(n > 0)
     gap = dict.fromkeys(("value", "ci_low", "ci_high"), np.nan)
@@ -287,10 +294,49 @@ def detection_recall(run: Run, by: str, settings: GroupSettings = GroupSettings(
         "group_a": labels[a] if a is not None else "", "group_b": labels[b] if b is not None else "",
         "metric": "recall_gap", **gap, "n_a": int(n[a]) if a is not None else 0,
         "n_b": int(n[b]) if b is not None else 0,
-        "small_group": bool(a is not None and (small[a] or small[b])), **params,
+        "small_group": bool(a is not None and (small[a] or small[b])), **params, "interval": "Newcombe hybrid score 95%",
         "detected_a": int(x[a]) if a is not None else 0, "detected_b": int(x[b]) if b is not None else 0,
     }
     return pd.concat([out, pd.DataFrame([row])], ignore_index=True)
+
+
+_AUDITS: "weakref.WeakKeyDictionary[Run, pd.DataFrame]" = weakref.WeakKeyDictionary()
+
+
+def person_audit_of(run: Run) -> pd.DataFrame:
+    """The run's per-person COCO audit (index.audit.run_audit), computed once per opened run."""
+    audit = _AUDITS.get(run)
+    if audit is None:
+        audit = _AUDITS[run] = run_audit(run.run_dir, run.persons)
+    return audit
+
+
+def audit_recall(run: Run, by: str, metric: str = "ar", settings: GroupSettings = GroupSettings()) -> pd.DataFrame:
+    """COCO AR@100, recall@0.5 or recall@0.75 per group and for ``all`` persons of ok images.
+
+    A group's value is the mean of the per-person value over its persons (out-of-group
+    persons stay ground truth). Intervals: percentile bootstrap resampling images
+    (``n_boot`` rounds, ``seed``), so persons of one photo move together.
+    """
+    if metric not in AUDIT_METRICS:
+        raise ValueError(f"unknown audit metric {metric!r}: choose one of {', '.join(AUDIT_METRICS)}")
+    audit = person_audit_of(run)
+    persons = run.persons.set_index("person_id").loc[audit["person_id"].to_numpy()].reset_index()
+    labels, M = membership(persons, by)
+    M = np.column_stack([M, np.ones(len(persons), dtype=bool)])
+    labels = [*labels, ALL]
+    with _one_blas_thread():
+        value, lo, hi = cluster_bootstrap_means(audit[metric].to_numpy(), audit["image_id"].to_numpy(), M,
+                                                settings.n_boot, np.random.default_rng(settings.seed))
+    n = M.sum(axis=0).astype(np.int64)
+    image = audit["image_id"].to_numpy()
+    n_images = np.array([len(np.unique(image[M[:, g]])) for g in range(M.shape[1])], dtype=np.int64)
+    return pd.DataFrame({
+        "group_a": labels, "group_b": "", "metric": metric, "value": value, "ci_low": lo, "ci_high": hi,
+        "n_a": n, "n_b": 0, "small_group": n < settings.min_group_size, "grouping": by, "population": "persons",
+        "n_boot": settings.n_boot, "seed": settings.seed, "min_group_size": settings.min_group_size,
+        "protocol": PROTOCOLS[metric], "interval": "image-cluster percentile bootstrap 95%", "n_images_a": n_images,
+    })
 
 
 def compare(run: Run, by: str, metric: str, population: str | None = None,
@@ -304,4 +350,9 @@ def compare(run: Run, by: str, metric: str, population: str | None = None,
         if population not in (None, "persons"):
             raise ValueError(f"recall counts annotated persons of evaluated images: population must be 'persons', not {population!r}")
         return detection_recall(run, by, settings)
+    if metric in AUDIT_METRICS:
+        if population not in (None, "persons"):
+            raise ValueError(f"{metric} counts annotated persons of evaluated images: population must be 'persons', "
+                             f"not {population!r}")
+        return audit_recall(run, by, metric, settings)
     raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")

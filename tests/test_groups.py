@@ -258,7 +258,8 @@ def test_recall_on_synthetic_run_counts_every_evaluated_person(tiny):
     df = detection_recall(tiny, "mst_band")
     per = df[df.metric == "recall"]
     evaluated = tiny.persons.evaluated.sum()
-    assert per.n_a.sum() == evaluated and "unknown" in per.group_a.tolist()
+    assert per.n_a.sum() == 2 * evaluated and "unknown" in per.group_a.tolist()  # the groups and "all"
+    assert per.set_index("group_a").loc["all", "n_a"] == evaluated
 
 
 def test_empty_population_gives_rows_with_n_zero(tiny):

@@ -51,7 +51,7 @@ def test_recall_bars_with_wilson_error_bars(ui_readouts):
     fig = figures.recall_bars(df)
     (bar,) = fig.data
     rec = df[df.metric == "recall"]
-    assert len(bar.x) == len(rec) == 4  # the recall_gap row is text, not a bar
+    assert len(bar.x) == len(rec) == 5  # 4 bands and "all"; the recall_gap row is text, not a bar
     assert np.allclose(bar.error_y.array, np.nan_to_num(rec.ci_high - rec.value))
     assert np.allclose(bar.error_y.arrayminus, np.nan_to_num(rec.value - rec.ci_low))
     assert "Newcombe" in figures.recall_gap_text(df)
