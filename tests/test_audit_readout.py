@@ -79,3 +79,17 @@ def test_a_run_without_predictions_says_to_re_extract(ar_run, tmp_path, capsys):
     # the threshold recall still works on such a run
     assert main(["compare", str(old), "--by", "mst_band", "--metric", "recall", "--out", str(tmp_path / "r.csv")]) == 0
     assert pd.read_csv(tmp_path / "r.csv")["protocol"].str.startswith("kept detection").all()
+
+
+def test_overview_chart_shows_the_readouts_values_and_protocol(ar_run):
+    from ui import figures
+    run = load_run(ar_run)
+    for metric in figures.DETECTION_METRICS:
+        df = compare(run, "mst_band", metric, settings=GroupSettings(n_boot=50))
+        bar = figures.recall_bars(df).data[0]
+        rows = df[df["metric"] == metric]
+        assert len(bar.x) == len(rows) and bar.x[-1].startswith("all")
+        np.testing.assert_allclose(np.asarray(bar.y, float), rows["value"].to_numpy(float))
+        text = figures.protocol_text(df)
+        assert rows["protocol"].iloc[0] in text and rows["interval"].iloc[0] in text
+    assert "COCO AR@100" in figures.protocol_text(compare(run, "mst_band", "ar", settings=GroupSettings(n_boot=20)))

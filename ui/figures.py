@@ -120,21 +120,46 @@ def _error_bars(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict:
             "arrayminus": np.nan_to_num(values - lo), "thickness": 1.5, "width": 4}
 
 
+DETECTION_METRICS = {  # metric of compare -> its name on the page
+    "ar": "AR (COCO, IoU .50:.05:.95)", "recall50": "recall@0.5 (COCO)", "recall75": "recall@0.75 (COCO)",
+    "recall": "threshold recall (kept detections, IoU 0.5)",
+}
+
+
 def recall_bars(df: pd.DataFrame) -> go.Figure:
-    """Detection recall per group with Wilson 95% intervals (from ``compare(..., "recall")``)."""
-    rec = df[df["metric"] == "recall"]
+    """Detection recall or COCO AR per group with 95% intervals (from ``compare(..., metric)`` with a
+    metric of ``DETECTION_METRICS``); the ``all`` group is the whole population."""
+    rec = df[df["metric"].isin(list(DETECTION_METRICS))]
+    metric = str(rec["metric"].iloc[0]) if len(rec) else "recall"
     min_size = int(rec["min_group_size"].iloc[0]) if "min_group_size" in rec.columns and len(rec) else 0
     labels = group_labels(rec["group_a"].astype(str), rec["n_a"], min_size)
     values = rec["value"].to_numpy(dtype=float)
+    interval = str(rec["interval"].iloc[0]) if "interval" in rec.columns and len(rec) else "Wilson 95%"
+    if metric == "recall":
+        custom = rec[["ci_low", "ci_high", "detected_a", "n_a"]].to_numpy(dtype=float)
+        extra = "<br>%{customdata[2]:.0f} of %{customdata[3]:.0f} detected"
+    else:
+        custom = rec[["ci_low", "ci_high", "n_a", "n_images_a"]].to_numpy(dtype=float)
+        extra = "<br>%{customdata[2]:.0f} persons on %{customdata[3]:.0f} images"
+    name = DETECTION_METRICS[metric]
     fig = go.Figure(go.Bar(
         x=labels, y=values, error_y=_error_bars(values, rec["ci_low"].to_numpy(float), rec["ci_high"].to_numpy(float)),
         marker={"color": group_colours(rec["group_a"].astype(str)), "line": {"color": "#444", "width": 1}},
-        customdata=rec[["ci_low", "ci_high", "detected_a", "n_a"]].to_numpy(dtype=float),
-        hovertemplate=("%{x}<br>recall %{y:.3f}<br>95% Wilson [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
-                       "<br>%{customdata[2]:.0f} of %{customdata[3]:.0f} detected<extra></extra>")))
-    fig.update_layout(title="Detection recall per group (95% Wilson intervals)", yaxis={"range": [0, 1.05],
-                      "title": "recall"}, height=380, margin={"l": 10, "r": 10, "t": 50, "b": 10})
+        customdata=custom,
+        hovertemplate=(f"%{{x}}<br>{metric} %{{y:.3f}}<br>{interval} [%{{customdata[0]:.3f}}, %{{customdata[1]:.3f}}]"
+                       f"{extra}<extra></extra>")))
+    fig.update_layout(title=f"{name[0].upper() + name[1:]} per group ({interval} intervals)",
+                      yaxis={"range": [0, 1.05], "title": metric}, height=380,
+                      margin={"l": 10, "r": 10, "t": 50, "b": 10})
     return fig
+
+
+def protocol_text(df: pd.DataFrame) -> str:
+    """One line naming the protocol and the interval of a detection read-out."""
+    rec = df[df["metric"].isin(list(DETECTION_METRICS))]
+    if rec.empty or "protocol" not in rec.columns:
+        return ""
+    return f"Protocol: {rec['protocol'].iloc[0]}. Intervals: {rec['interval'].iloc[0]}; `all` = every evaluated person."
 
 
 def recall_gap_text(df: pd.DataFrame) -> str:
