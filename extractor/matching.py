@@ -37,7 +37,7 @@ def query_predictions(image_id: int, probs: np.ndarray, boxes_xyxy: np.ndarray) 
     probs: [Q, 92] class probabilities (``class_probabilities``); boxes_xyxy: [Q, 4] pixels
     of the original image. Columns (each [Q]): image_id, query_idx (int16), x1..y2 and
     p_person (probability of class 1) as float32, label = argmax over the 91 real classes
-    (no-object excluded, int8) and label_score = its probability (float32).
+    (no-object excluded, int16 as the run schema has it) and label_score = its probability (float32).
     """
     probs = np.asarray(probs, dtype=np.float32)
     q = len(probs)
@@ -47,7 +47,7 @@ def query_predictions(image_id: int, probs: np.ndarray, boxes_xyxy: np.ndarray) 
     return {
         "image_id": np.full(q, image_id, dtype=np.int64), "query_idx": np.arange(q, dtype=np.int16),
         "x1": box[:, 0], "y1": box[:, 1], "x2": box[:, 2], "y2": box[:, 3],
-        "p_person": probs[:, PERSON_CLASS].copy(), "label": label.astype(np.int8),
+        "p_person": probs[:, PERSON_CLASS].copy(), "label": label.astype(np.int16),
         "label_score": real[np.arange(q), label].astype(np.float32),
     }
 

@@ -249,6 +249,9 @@ def _read_shard(path: Path) -> dict:
     if (path / "rows.parquet").is_file():
         rows = pd.read_parquet(path / "rows.parquet")
         emb = np.load(path / "embeddings.npy")
+        if not (path / rundir.PREDICTIONS).is_file():
+            raise ValueError(f"{path} was written by an older version (no {rundir.PREDICTIONS}): "
+                             f"pass --overwrite to extract the run again")
         predictions = pd.read_parquet(path / rundir.PREDICTIONS)
     else:
         rows, emb, predictions = None, np.zeros((0, 256), np.float32), None

@@ -33,7 +33,7 @@ WORK_DIR = ".work"
 INDEX_DIR = "index"
 CACHE_DIR = "cache"
 PREDICTION_COLUMNS = ("image_id", "query_idx", "x1", "y1", "x2", "y2", "p_person", "label", "label_score")
-_PREDICTION_DTYPES = {"image_id": "int64", "query_idx": "int16", "label": "int8"}  # the rest float32
+_PREDICTION_DTYPES = {"image_id": "int64", "query_idx": "int16", "label": "int16"}  # the rest float32
 OUTPUTS = (IMAGES, PERSONS, DETECTIONS, PREDICTIONS, EMBEDDINGS, MANIFEST)
 
 

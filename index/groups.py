@@ -12,6 +12,7 @@ matching nobody carry no attributes and so fall in ``unknown`` (``no`` for a
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ try:
     from threadpoolctl import threadpool_limits
 except ImportError:  # pragma: no cover - installed with scikit-learn
     threadpool_limits = None
+
+log = logging.getLogger(__name__)
 
 GROUPINGS = (
     "mst_any", "mst_mode", "mst_band", "lighting", *(f"lighting_{f}" for f in LIGHTING_FLAGS),
@@ -321,6 +324,11 @@ def audit_recall(run: Run, by: str, metric: str = "ar", settings: GroupSettings 
     if metric not in AUDIT_METRICS:
         raise ValueError(f"unknown audit metric {metric!r}: choose one of {', '.join(AUDIT_METRICS)}")
     audit = person_audit_of(run)
+    if (run.manifest.get("filters") or {}).get("where"):
+        # persons.parquet then holds only the selected persons: the others are missing from the ground truth
+        log.warning("%s was extracted with --where %r: persons outside the filter are not ground truth, so AR "
+                    "can be too high; extract without --where for the COCO protocol", run.run_dir,
+                    run.manifest["filters"]["where"])
     persons = run.persons.set_index("person_id").loc[audit["person_id"].to_numpy()].reset_index()
     labels, M = membership(persons, by)
     M = np.column_stack([M, np.ones(len(persons), dtype=bool)])

@@ -205,7 +205,7 @@ def _plant(rng: np.random.Generator, effects: PlantedEffects, persons: pd.DataFr
     predictions = pd.DataFrame({
         "image_id": q_image.astype(np.int64), "query_idx": np.tile(np.arange(100, dtype=np.int16), n_images),
         **{c: box[:, i].astype(np.float32) for i, c in enumerate(("x1", "y1", "x2", "y2"))},
-        "p_person": p_person, "label": label.astype(np.int8), "label_score": label_score,
+        "p_person": p_person, "label": label.astype(np.int16), "label_score": label_score,
     })
     return {"boxes": boxes, "score": score, "person_detected": detected, "predictions": predictions}
 

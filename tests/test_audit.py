@@ -153,7 +153,7 @@ def test_real_extraction_keeps_every_query_and_agrees_with_detections(ui_demo):
     assert pred["image_id"].is_monotonic_increasing
     assert dict(pred.dtypes.astype(str)) == {"image_id": "int64", "query_idx": "int16", "x1": "float32",
                                              "y1": "float32", "x2": "float32", "y2": "float32", "p_person": "float32",
-                                             "label": "int8", "label_score": "float32"}
+                                             "label": "int16", "label_score": "float32"}
     assert pred["label"].between(0, 90).all()
     person = pred["label"] == 1
     assert (pred.loc[person, "label_score"] == pred.loc[person, "p_person"]).all()
