@@ -16,6 +16,7 @@ from index.build import KINDS, BuildSettings, build_index
 from index.export import to_csv_bytes
 from index.groups import GROUPINGS, METRICS, POPULATIONS, GroupSettings, compare
 from index.store import load_run
+from index.planted import PlantedEffects
 from index.synthetic import write_synthetic_run
 
 log = logging.getLogger("index")
@@ -72,11 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True, help="CSV file to write")
 
     s = sub.add_parser("synthetic", help="write a synthetic run (no DETR) for tests and demos",
-                       description="Write a complete, valid synthetic run directory with clustered embeddings.")
+                       description="Write a complete, valid synthetic run directory with clustered embeddings and "
+                                   "predictions from planted detection effects (truth in the manifest's 'planted').")
     s.add_argument("out", type=Path, help="run directory to create")
     s.add_argument("--rows", type=int, required=True, help="number of embedding rows")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--clusters", type=int, default=None, help="mixture components (default: rows / 200, 2..64)")
+    s.add_argument("--detection-seed", type=int, default=None,
+                   help="seed of the planted detections, apart from the dataset's --seed (default: derived from --seed)")
+    s.add_argument("--image-sd", type=float, default=PlantedEffects.image_sd,
+                   help="sd of the image effect on the logit of being found, shared by a photo's persons "
+                        "(default: %(default)s)")
     return p
 
 
@@ -96,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
             log.info("wrote %s", args.out)
         else:
-            write_synthetic_run(args.out, args.rows, seed=args.seed, n_clusters=args.clusters)
+            write_synthetic_run(args.out, args.rows, seed=args.seed, n_clusters=args.clusters,
+                                effects=PlantedEffects(image_sd=args.image_sd), detection_seed=args.detection_seed)
     except (ValueError, OSError) as exc:
         print(f"python -m index {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -87,6 +87,7 @@ def coco_matches(det_image: np.ndarray, det_score: np.ndarray, det_box: np.ndarr
     default: the given order).
     """
     det_image, gt_image = np.asarray(det_image), np.asarray(gt_image)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
     D, G, T = len(det_image), len(gt_image), len(thresholds)
     matched = np.zeros((T, G), dtype=bool)
     if D == 0 or G == 0:
@@ -126,8 +127,7 @@ def coco_matches(det_image: np.ndarray, det_score: np.ndarray, det_box: np.ndarr
     order = np.argsort(pair_step, kind="stable")  # within a step: by detection, then gt order
     pd_, pg, iou, pair_step = pd_[order], pg[order], iou[order], pair_step[order]
     bounds = np.searchsorted(pair_step, np.arange(pair_step[-1] + 2))
-    thr = np.minimum(np.asarray(thresholds, dtype=np.float64), 1 - 1e-10)[:, None]
-    rows = np.arange(T)[:, None]
+    thr = np.minimum(thresholds, 1 - 1e-10)[:, None]
     for s in range(len(bounds) - 1):
         lo, hi = bounds[s], bounds[s + 1]
         dets, gts, v = pd_[lo:hi], pg[lo:hi], iou[lo:hi]
