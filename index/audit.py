@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from extractor.matching import PERSON_CLASS
-from extractor.rundir import IMAGES, PERSONS, PREDICTIONS
+from extractor.rundir import open_run
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,9 @@ def coco_matches(det_image: np.ndarray, det_score: np.ndarray, det_box: np.ndarr
 
 
 def read_predictions(run_dir: Path | str) -> pd.DataFrame:
-    """The run's predictions table, or a one-line ValueError saying to re-extract."""
-    path = Path(run_dir) / PREDICTIONS
-    if not path.is_file():
-        raise ValueError(f"{run_dir} has no {PREDICTIONS} (made before every query was kept): "
-                         f"extract it again with this version to audit detection (AR)")
-    return pd.read_parquet(path)
+    """The run's predictions table, or a one-line ValueError saying to re-extract (through
+    the run-format reader, which checks the table against its schema)."""
+    return open_run(run_dir, check=False).predictions()
 
 
 def person_audit(persons: pd.DataFrame, predictions: pd.DataFrame, ok_images: np.ndarray | None = None,
@@ -192,8 +189,8 @@ def matched_flags(audit: pd.DataFrame) -> np.ndarray:
 
 def run_audit(run_dir: Path | str, persons: pd.DataFrame | None = None) -> pd.DataFrame:
     """``person_audit`` of a run directory (its persons, predictions and image statuses)."""
-    run_dir = Path(run_dir)
-    predictions = read_predictions(run_dir)
-    persons = pd.read_parquet(run_dir / PERSONS) if persons is None else persons
-    images = pd.read_parquet(run_dir / IMAGES, columns=["image_id", "status"])
+    files = open_run(run_dir, check=False)
+    predictions = files.predictions()
+    persons = files.persons() if persons is None else persons
+    images = files.images()
     return person_audit(persons, predictions, images.loc[images["status"] == "ok", "image_id"].to_numpy())

@@ -21,7 +21,8 @@ import pandas as pd
 
 from extractor.groups import AGE_VALUES, GENDER_VALUES, LIGHTING_FLAGS, MST_BANDS, MST_TONES, UNKNOWN
 from index.audit import AUDIT_METRICS, PROTOCOLS, run_audit
-from index.stats import cluster_bootstrap_means, newcombe_difference, percentile_interval, resample_counts, wilson
+from index.bootstrap import BootSettings, group_means
+from index.stats import newcombe_difference, percentile_interval, resample_counts, wilson
 from index.store import Run
 
 try:
@@ -318,8 +319,8 @@ def audit_recall(run: Run, by: str, metric: str = "ar", settings: GroupSettings 
     """COCO AR@100, recall@0.5 or recall@0.75 per group and for ``all`` persons of ok images.
 
     A group's value is the mean of the per-person value over its persons (out-of-group
-    persons stay ground truth). Intervals: percentile bootstrap resampling images
-    (``n_boot`` rounds, ``seed``), so persons of one photo move together.
+    persons stay ground truth). Intervals: the image-cluster BCa bootstrap of
+    index.bootstrap (``n_boot`` rounds, ``seed``): persons move with their photo.
     """
     if metric not in AUDIT_METRICS:
         raise ValueError(f"unknown audit metric {metric!r}: choose one of {', '.join(AUDIT_METRICS)}")
@@ -333,17 +334,16 @@ def audit_recall(run: Run, by: str, metric: str = "ar", settings: GroupSettings 
     labels, M = membership(persons, by)
     M = np.column_stack([M, np.ones(len(persons), dtype=bool)])
     labels = [*labels, ALL]
-    with _one_blas_thread():
-        value, lo, hi = cluster_bootstrap_means(audit[metric].to_numpy(), audit["image_id"].to_numpy(), M,
-                                                settings.n_boot, np.random.default_rng(settings.seed))
-    n = M.sum(axis=0).astype(np.int64)
-    image = audit["image_id"].to_numpy()
-    n_images = np.array([len(np.unique(image[M[:, g]])) for g in range(M.shape[1])], dtype=np.int64)
+    res = group_means(audit[metric].to_numpy(), M, audit["image_id"].to_numpy(),
+                      BootSettings(n_boot=settings.n_boot, seed=settings.seed))
+    value, lo, hi = res.value[:, 0], res.ci_low[:, 0], res.ci_high[:, 0]
+    n, n_images = res.n, res.n_images
     return pd.DataFrame({
         "group_a": labels, "group_b": "", "metric": metric, "value": value, "ci_low": lo, "ci_high": hi,
         "n_a": n, "n_b": 0, "small_group": n < settings.min_group_size, "grouping": by, "population": "persons",
         "n_boot": settings.n_boot, "seed": settings.seed, "min_group_size": settings.min_group_size,
-        "protocol": PROTOCOLS[metric], "interval": "image-cluster percentile bootstrap 95%", "n_images_a": n_images,
+        "protocol": PROTOCOLS[metric], "interval": "image-cluster BCa bootstrap 95%", "n_images_a": n_images,
+        "design_effect": res.design_effect[:, 0],
     })
 
 

@@ -52,32 +52,3 @@ def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.nd
         lo, hi = np.nanpercentile(samples, [tail, 100 - tail], axis=0)
     return lo, hi
 
-
-def cluster_bootstrap_means(values: np.ndarray, clusters: np.ndarray, membership: np.ndarray, n_boot: int,
-                            rng: np.random.Generator, level: float = 0.95
-                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean of ``values`` per group with a cluster percentile bootstrap: (value, lo, hi), each [G].
-
-    values [N] float; clusters [N] ids of the unit resampled (an image: persons come with
-    their photo); membership [N, G] bool (groups may overlap). Each round draws the
-    clusters with replacement and recomputes every group's mean from the same draw.
-    Empty groups are NaN; a round in which a group drew nobody is left out of its interval.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    M = np.asarray(membership, dtype=bool).reshape(len(values), -1)
-    _, code = np.unique(np.asarray(clusters), return_inverse=True)
-    code = code.ravel()
-    n_clusters, G = int(code.max()) + 1 if len(code) else 0, M.shape[1]
-    S = np.zeros((n_clusters, G))
-    K = np.zeros((n_clusters, G))
-    for g in range(G):
-        S[:, g] = np.bincount(code, weights=values * M[:, g], minlength=n_clusters)
-        K[:, g] = np.bincount(code, weights=M[:, g].astype(np.float64), minlength=n_clusters)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        est = S.sum(axis=0) / K.sum(axis=0)
-        boot = np.empty((n_boot, G))
-        for lo in range(0, n_boot, 64):
-            W = resample_counts(rng, n_clusters, min(64, n_boot - lo)).astype(np.float64)
-            boot[lo:lo + len(W)] = (W @ S) / (W @ K)
-    lo, hi = percentile_interval(boot, level)
-    return est, lo, hi

@@ -136,8 +136,12 @@ def test_match_columns_are_the_coco_thresholds():
 
 
 def test_run_without_predictions_says_to_re_extract(tmp_path):
-    with pytest.raises(ValueError, match="extract it again"):
-        read_predictions(tmp_path)
+    from index import write_synthetic_run
+    from test_audit_readout import _without_predictions
+    old = _without_predictions(write_synthetic_run(tmp_path / "run", 100, seed=1), tmp_path / "old")
+    with pytest.raises(ValueError, match="extract it again") as exc:
+        read_predictions(old)
+    assert "\n" not in str(exc.value)
 
 
 @pytest.mark.slow

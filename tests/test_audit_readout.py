@@ -8,7 +8,19 @@ import pytest
 from index import GroupSettings, build_index, compare, load_run, membership, read_csv_bytes, to_csv_bytes, write_synthetic_run
 from index.__main__ import main
 from index.audit import PROTOCOLS, run_audit
-from index.stats import cluster_bootstrap_means
+
+
+def _without_predictions(run_dir, out):
+    """A copy of the run as one made before predictions.parquet (or migrated from version 1) looks."""
+    import json
+    import shutil
+    shutil.copytree(run_dir, out)
+    (out / "predictions.parquet").unlink()
+    doc = json.loads((out / "manifest.json").read_text())
+    doc["tables"] = [t for t in doc["tables"] if t != "predictions.parquet"]
+    doc["files"].pop("predictions.parquet", None)
+    (out / "manifest.json").write_text(json.dumps(doc))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -16,30 +28,6 @@ def ar_run(tmp_path_factory):
     run_dir = write_synthetic_run(tmp_path_factory.mktemp("ar") / "run", 1500, seed=6)
     build_index(run_dir)
     return run_dir
-
-
-def test_cluster_bootstrap_estimate_is_the_group_mean_and_empty_groups_are_nan():
-    rng = np.random.default_rng(0)
-    v, c = rng.random(500), rng.integers(0, 120, 500)
-    M = np.column_stack([v > 0.3, c % 2 == 0, np.zeros(500, bool)])
-    est, lo, hi = cluster_bootstrap_means(v, c, M, 200, np.random.default_rng(1))
-    np.testing.assert_allclose(est[:2], [v[M[:, 0]].mean(), v[M[:, 1]].mean()])
-    assert np.isnan(est[2]) and np.isnan(lo[2]) and np.isnan(hi[2])
-    assert (lo[:2] <= est[:2]).all() and (est[:2] <= hi[:2]).all()
-
-
-def test_cluster_bootstrap_moves_persons_with_their_photo():
-    """Independent units: the interval is the normal one (within 15%). Each unit copied
-    five times into one cluster: the same interval (not sqrt(5) narrower)."""
-    rng = np.random.default_rng(2)
-    v = (rng.random(2000) < 0.3).astype(float)
-    one = np.ones((2000, 1), bool)
-    _, lo, hi = cluster_bootstrap_means(v, np.arange(2000), one, 2000, np.random.default_rng(3))
-    se = np.sqrt(0.3 * 0.7 / 2000)
-    assert (hi - lo)[0] == pytest.approx(2 * 1.96 * se, rel=0.15)
-    _, lo5, hi5 = cluster_bootstrap_means(np.repeat(v, 5), np.repeat(np.arange(2000), 5), np.ones((10000, 1), bool),
-                                          2000, np.random.default_rng(3))
-    assert (hi5 - lo5)[0] == pytest.approx((hi - lo)[0], rel=0.1)
 
 
 @pytest.mark.parametrize("metric", ["ar", "recall50", "recall75"])
@@ -69,10 +57,7 @@ def test_cli_ar_writes_the_apps_bytes(ar_run, tmp_path):
 
 
 def test_a_run_without_predictions_says_to_re_extract(ar_run, tmp_path, capsys):
-    import shutil
-    old = tmp_path / "old"
-    shutil.copytree(ar_run, old)
-    (old / "predictions.parquet").unlink()
+    old = _without_predictions(ar_run, tmp_path / "old")
     assert main(["compare", str(old), "--by", "mst_band", "--metric", "ar", "--out", str(tmp_path / "x.csv")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "extract it again" in err

@@ -33,7 +33,7 @@ def test_list_runs_sorts_out_what_is_usable(ui_demo, tmp_path):
     by = {e.name: e for e in entries}
     assert by["good"].usable and by["good"].index_kind == "flat"
     assert not by["noindex"].index_built and by["noindex"].error is None
-    assert "unreadable" in by["broken"].error
+    assert "not valid JSON" in by["broken"].error
     assert runs.unfinished_runs(root) == ["unfinished"]
     assert runs.default_run(entries).name == "good"
     assert runs.find_run(entries, "../good") is None and runs.find_run(entries, "good") is by["good"]

@@ -10,8 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from PIL import Image
 
-from extractor.demo_draw import MST_HEX
-from extractor.groups import UNKNOWN
+from extractor.rundir.facet import MST_HEX, UNKNOWN
 
 SMALL_MARK = "†"
 UNKNOWN_COLOUR = "#9e9e9e"
