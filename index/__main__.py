@@ -17,6 +17,7 @@ from index.export import to_csv_bytes
 from index.groupings import GROUPINGS, POPULATION_HELP, POPULATIONS, REGISTRY
 from index.groups import METRICS, GroupSettings, compare
 from index.store import load_run
+from index.planted import PlantedEffects
 from index.synthetic import write_synthetic_run
 
 log = logging.getLogger("index")
@@ -58,10 +59,13 @@ def _parser() -> argparse.ArgumentParser:
                         "extractor's --where, e.g. \"class1 == 'doctor'\" (missing values count as false)")
     c.add_argument("--metric", required=True, choices=METRICS,
                    help="similarity = centroid and mean pairwise cosine; neighbours = share of each group among "
-                        "the k nearest neighbours vs its base rate; recall = detection recall per group and the gap")
+                        "the k nearest neighbours vs its base rate; recall = kept detections (P(person) >= the run's "
+                        "threshold) matched at IoU 0.5, per group and the gap; ar / recall50 / recall75 = COCO "
+                        "AR@100 over IoU .50:.05:.95 / recall at IoU .50 / .75 of every query labelled person "
+                        "(needs predictions.parquet), with image-bootstrap intervals")
     c.add_argument("--population", choices=POPULATIONS, default=None,
-                   help=f"rows compared: {POPULATION_HELP} (default: detections; recall always counts annotated "
-                        "persons of readable images)")
+                   help=f"rows compared: {POPULATION_HELP} (default: detections; recall and AR always count "
+                        "annotated persons of readable images)")
     c.add_argument("--k", type=int, default=GroupSettings.k, help="neighbours per query (default: %(default)s)")
     c.add_argument("--n-boot", type=int, default=GroupSettings.n_boot,
                    help="image-cluster bootstrap rounds for the 95%% BCa intervals (default: %(default)s)")
@@ -81,11 +85,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True, help="CSV file to write")
 
     s = sub.add_parser("synthetic", help="write a synthetic run (no DETR) for tests and demos",
-                       description="Write a complete, valid synthetic run directory with clustered embeddings.")
+                       description="Write a complete, valid synthetic run directory with clustered embeddings and "
+                                   "predictions from planted detection effects (truth in the manifest's 'planted').")
     s.add_argument("out", type=Path, help="run directory to create")
     s.add_argument("--rows", type=int, required=True, help="number of embedding rows")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--clusters", type=int, default=None, help="mixture components (default: rows / 200, 2..64)")
+    s.add_argument("--detection-seed", type=int, default=None,
+                   help="seed of the planted detections, apart from the dataset's --seed (default: derived from --seed)")
+    s.add_argument("--image-sd", type=float, default=PlantedEffects.image_sd,
+                   help="sd of the image effect on the logit of being found, shared by a photo's persons "
+                        "(default: %(default)s)")
     return p
 
 
@@ -108,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
             log.info("wrote %s", args.out)
         else:
-            write_synthetic_run(args.out, args.rows, seed=args.seed, n_clusters=args.clusters)
+            write_synthetic_run(args.out, args.rows, seed=args.seed, n_clusters=args.clusters,
+                                effects=PlantedEffects(image_sd=args.image_sd), detection_seed=args.detection_seed)
     except (ValueError, OSError) as exc:
         print(f"python -m index {args.command}: error: {exc}", file=sys.stderr)
         return 2
