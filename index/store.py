@@ -20,11 +20,10 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from extractor.rundir import DETECTIONS, EMBEDDINGS, IMAGES, INDEX_DIR, PERSONS, read_manifest
+from extractor.rundir import EMBEDDINGS, INDEX_DIR, open_run
 from index import ivfpq
 from index.build import (
-    INDEX_FILE, INDEX_FORMAT, INDEX_MANIFEST, BuildSettings, open_embeddings, rebuild_hint,
-    search_parameters,
+    INDEX_FILE, INDEX_FORMAT, INDEX_MANIFEST, BuildSettings, rebuild_hint, search_parameters,
 )
 from index.vectors import UnitRows, bad_rows, blocked_knn, faiss_threads, file_checksum, normalise
 from index.where import evaluate_where
@@ -251,7 +250,8 @@ def _as_mask(where: object, n: int) -> np.ndarray:
 def load_run(run_dir: Path | str) -> Run:
     """Open a run and its index, checking that index, embeddings and metadata agree."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
+    files = open_run(run_dir)  # version, schemas and row alignment checked here
+    manifest = files.manifest.to_json()
     hint = rebuild_hint(run_dir)
     index_dir = run_dir / INDEX_DIR
     manifest_path = index_dir / INDEX_MANIFEST
@@ -267,7 +267,7 @@ def load_run(run_dir: Path | str) -> Run:
     if index_manifest.get("format") != INDEX_FORMAT:
         raise ValueError(f"{manifest_path} has index format {index_manifest.get('format')!r}, this tool reads {INDEX_FORMAT}: {hint}")
 
-    xb = open_embeddings(run_dir, manifest)
+    xb = files.embeddings()
     n, dim = xb.shape
     if (n, dim) != (n_built, dim_built):
         raise ValueError(f"the index was built for {n_built} x {dim_built} embeddings but {EMBEDDINGS} holds {n} x {dim}: {hint}")
@@ -286,14 +286,9 @@ def load_run(run_dir: Path | str) -> Run:
     if index_manifest.get("faiss_version") != faiss.__version__:
         log.info("index built with faiss %s, running %s", index_manifest.get("faiss_version"), faiss.__version__)
 
-    meta = pd.read_parquet(run_dir / DETECTIONS)
-    if len(meta) != n or not np.array_equal(meta["det_id"].to_numpy(), np.arange(n)):
-        raise ValueError(
-            f"{DETECTIONS} ({len(meta)} rows) does not line up with {EMBEDDINGS} ({n} rows, row i = det_id i): "
-            "extract the run again"
-        )
-    persons = pd.read_parquet(run_dir / PERSONS)
-    images = pd.read_parquet(run_dir / IMAGES)
+    meta = files.detections()  # det_id = row, as many rows as embeddings.npy
+    persons = files.persons()
+    images = files.images()
     codes, _ = pd.factorize(meta["image_id"])
     log.info("loaded %s: %d rows, %s index, settings %s", run_dir, n, kind, dataclasses.asdict(settings))
     return Run(
