@@ -12,12 +12,13 @@ from typing import NoReturn, Sequence
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from extractor.rundir import atomic_write
-from index.build import KINDS, BuildSettings, build_index
+from index.build import AUTO_RAM_SHARE, KINDS, BuildSettings, build_index
 from index.crossruns import CROSS_METRICS, CrossSettings, compare_runs
 from index.export import to_csv_bytes
 from index.groupings import GROUPINGS, POPULATION_HELP, POPULATIONS, REGISTRY
 from index.groups import METRICS, GroupSettings, compare
 from index.store import load_run
+from index.planted import PlantedEffects
 from index.synthetic import write_synthetic_run
 from index.synthetic_audit import AuditSettings, write_synthetic_audit
 
@@ -41,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("run", type=Path, help="run directory written by the extractor")
     b.add_argument("--kind", choices=KINDS, default="auto",
                    help="flat = exact IndexFlatIP; hnsw / ivf = approximate with a tuned search parameter; "
-                        "auto = flat up to --exact-max-rows rows, approximate above (default: auto)")
+                        "ivfpq = 32-byte codes in RAM re-ranked exactly from embeddings.npy (runs larger than memory); "
+                        "auto = flat up to --exact-max-rows rows, ivf above, ivfpq once the float32 vectors exceed "
+                        f"{AUTO_RAM_SHARE:g} of RAM (default: auto)")
     b.add_argument("--seed", type=int, default=0, help="seed of the training sample and recall queries (default: 0)")
     b.add_argument("--exact-max-rows", type=int, default=BuildSettings.exact_max_rows,
                    help="largest run that auto indexes exactly (default: %(default)s)")
@@ -60,10 +63,13 @@ def _parser() -> argparse.ArgumentParser:
                         "extractor's --where, e.g. \"class1 == 'doctor'\" (missing values count as false)")
     c.add_argument("--metric", required=True, choices=METRICS,
                    help="similarity = centroid and mean pairwise cosine; neighbours = share of each group among "
-                        "the k nearest neighbours vs its base rate; recall = detection recall per group and the gap")
+                        "the k nearest neighbours vs its base rate; recall = kept detections (P(person) >= the run's "
+                        "threshold) matched at IoU 0.5, per group and the gap; ar / recall50 / recall75 = COCO "
+                        "AR@100 over IoU .50:.05:.95 / recall at IoU .50 / .75 of every query labelled person "
+                        "(needs predictions.parquet), with image-bootstrap intervals")
     c.add_argument("--population", choices=POPULATIONS, default=None,
-                   help=f"rows compared: {POPULATION_HELP} (default: detections; recall always counts annotated "
-                        "persons of readable images)")
+                   help=f"rows compared: {POPULATION_HELP} (default: detections; recall and AR always count "
+                        "annotated persons of readable images)")
     c.add_argument("--k", type=int, default=GroupSettings.k, help="neighbours per query (default: %(default)s)")
     c.add_argument("--n-boot", type=int, default=GroupSettings.n_boot,
                    help="image-cluster bootstrap rounds for the 95%% BCa intervals (default: %(default)s)")
@@ -113,11 +119,17 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace runs already there")
 
     s = sub.add_parser("synthetic", help="write a synthetic run (no DETR) for tests and demos",
-                       description="Write a complete, valid synthetic run directory with clustered embeddings.")
+                       description="Write a complete, valid synthetic run directory with clustered embeddings and "
+                                   "predictions from planted detection effects (truth in the manifest's 'planted').")
     s.add_argument("out", type=Path, help="run directory to create")
     s.add_argument("--rows", type=int, required=True, help="number of embedding rows")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--clusters", type=int, default=None, help="mixture components (default: rows / 200, 2..64)")
+    s.add_argument("--detection-seed", type=int, default=None,
+                   help="seed of the planted detections, apart from the dataset's --seed (default: derived from --seed)")
+    s.add_argument("--image-sd", type=float, default=PlantedEffects.image_sd,
+                   help="sd of the image effect on the logit of being found, shared by a photo's persons "
+                        "(default: %(default)s)")
     return p
 
 
@@ -148,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "synthetic-audit":
             write_synthetic_audit(args.out, AuditSettings(seed=args.seed, rows=args.rows), overwrite=args.overwrite)
         else:
-            write_synthetic_run(args.out, args.rows, seed=args.seed, n_clusters=args.clusters)
+            write_synthetic_run(args.out, args.rows, seed=args.seed, n_clusters=args.clusters,
+                                effects=PlantedEffects(image_sd=args.image_sd), detection_seed=args.detection_seed)
     except (ValueError, OSError) as exc:
         print(f"python -m index {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -2,13 +2,15 @@
 
 ``build_index(run_dir, settings)`` writes ``RUN/index/faiss.index`` and
 ``RUN/index/manifest.json``. Ids are row numbers, so FAISS ids are det_ids.
-An approximate index gets its search parameter (nprobe / efSearch) tuned at build
-time on one seeded sample of rows and its recall@10 reported on a disjoint sample.
+An approximate index gets its search parameter (nprobe / efSearch; nprobe and the
+re-rank depth for ivfpq) tuned at build time on one seeded sample of rows and its
+recall@10 reported on a disjoint sample.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,18 +21,28 @@ import numpy as np
 from tqdm import tqdm
 
 from extractor.rundir import EMBEDDINGS, INDEX_DIR, atomic_write, open_run, write_json
-from index.vectors import CHUNK_ROWS, bad_rows, blocked_knn, file_checksum, normalise
+from index import ivfpq
+from index.vectors import CHUNK_ROWS, KnnAccumulator, bad_rows, blocked_knn, file_checksum, normalise
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "faiss.index"
 INDEX_MANIFEST = "manifest.json"
 INDEX_FORMAT = 1
-KINDS = ("auto", "flat", "hnsw", "ivf")
+KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 # The approximate kind `auto` picks above `exact_max_rows`. bench/index_bench.py at 1M
 # rows on 2 cores: IVF reaches recall@10 0.97 at 1.4 ms p50; HNSW (M=32,
 # efConstruction=40) builds as slowly and saturates near recall 0.8 on clustered data.
 AUTO_APPROXIMATE = "ivf"
+# Above exact_max_rows, `auto` builds ivfpq instead of IVF-Flat when the float32 vectors
+# (n x dim x 4 bytes) exceed this share of RAM. A loaded IVF-Flat holds a copy of them;
+# its build peaks at 4.4x them (measured: `/usr/bin/time python -m index build RUN
+# --kind ivf` on a 300k-row synthetic run, 1478 MB peak for 293 MiB of vectors over a
+# 176 MB interpreter: the normalised rows, the index, the memory-mapped file's pages and
+# the scoring blocks). At 1/8 that build stays near half of RAM and the loaded index at
+# an eighth, leaving the rest to the metadata, the app and the machine's other
+# processes. 24 GB of RAM: IVF-Flat up to ~2.9M rows of 256-d, ivfpq above.
+AUTO_RAM_SHARE = 0.125
 RECALL_K = 10
 MIN_APPROXIMATE_ROWS = 100  # enough to train and to draw two recall samples
 # Tuning aims a little above the target: the disjoint report sample's estimate has a
@@ -51,24 +63,35 @@ class BuildSettings:
     n_tune_queries: int = 500
     hnsw_m: int = 32
     hnsw_ef_construction: int = 40
-    ivf_nlist: int = 0  # 0: about 2 sqrt(n), a power of two
+    ivf_nlist: int = 0  # 0: about 2 sqrt(n) (ivfpq: sqrt(n)), a power of two
     ivf_niter: int = 10
+    pq_m: int = 32  # ivfpq: bytes of code per row (sub-quantisers of 8 bits)
+    ram_bytes: int = 0  # RAM the auto policy compares with; 0 = this machine's
+
+    def ram(self) -> int:
+        if self.ram_bytes:
+            return self.ram_bytes
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown index kind {self.kind!r}: choose one of {', '.join(KINDS)}")
         if not 0.0 < self.target_recall <= 1.0:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
-        for name in ("exact_max_rows", "n_tune_queries", "hnsw_m", "hnsw_ef_construction", "ivf_niter"):
+        for name in ("exact_max_rows", "n_tune_queries", "hnsw_m", "hnsw_ef_construction", "ivf_niter", "pq_m"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ivf_nlist < 0:
             raise ValueError(f"ivf_nlist must be >= 0 (0 = automatic), got {self.ivf_nlist}")
+        if self.ram_bytes < 0:
+            raise ValueError(f"ram_bytes must be >= 0 (0 = this machine's RAM), got {self.ram_bytes}")
 
-    def resolve_kind(self, n: int) -> str:
+    def resolve_kind(self, n: int, dim: int) -> str:
         if self.kind != "auto":
             return self.kind
-        return "flat" if n <= self.exact_max_rows else AUTO_APPROXIMATE
+        if n <= self.exact_max_rows:
+            return "flat"
+        return "ivfpq" if n * dim * 4 > AUTO_RAM_SHARE * self.ram() else AUTO_APPROXIMATE
 
     def nlist_for(self, n: int) -> int:
         if self.ivf_nlist:
@@ -93,19 +116,25 @@ def build_index(run_dir: Path, settings: BuildSettings = BuildSettings()) -> dic
 
     started = time.perf_counter()
     checksum = file_checksum(run_dir / EMBEDDINGS)
-    xn = np.empty((n, dim), dtype=np.float32)
-    for lo in tqdm(range(0, n, CHUNK_ROWS), desc="normalise", unit="chunk", disable=None):
-        xn[lo:lo + CHUNK_ROWS] = normalise(xb[lo:lo + CHUNK_ROWS])
-    bad = bad_rows(xn)
-    if len(bad):
-        raise ValueError(f"{run_dir}: embedding rows {bad[:5].tolist()} are zero or not finite: extract the run again")
-
-    kind = settings.resolve_kind(n)
+    kind = settings.resolve_kind(n, dim)
     if kind != "flat" and n < MIN_APPROXIMATE_ROWS:
         raise ValueError(f"{run_dir} has {n} rows: an approximate index needs {MIN_APPROXIMATE_ROWS}; use --kind flat")
     log.info("building a %s index over %d x %d", kind, n, dim)
-    index, params = _BUILDERS[kind](xn, settings)
-    recall = _tune_and_measure(index, kind, params, xn, settings)
+    try:
+        if kind == "ivfpq":  # streams the file: never holds the vectors in RAM
+            index, params, recall = _build_ivfpq(xb, settings)
+        else:
+            xn = np.empty((n, dim), dtype=np.float32)
+            for lo in tqdm(range(0, n, CHUNK_ROWS), desc="normalise", unit="chunk", disable=None):
+                xn[lo:lo + CHUNK_ROWS] = normalise(xb[lo:lo + CHUNK_ROWS])
+            bad = bad_rows(xn)
+            if len(bad):
+                raise ValueError(f"embedding rows {bad[:5].tolist()} are zero or not finite: extract the run again")
+            index, params = _BUILDERS[kind](xn, settings)
+            recall = _tune_and_measure(index, kind, params, xn, settings)
+            del xn
+    except ValueError as exc:
+        raise ValueError(f"{run_dir}: {exc}") from None
     build_seconds = time.perf_counter() - started
 
     index_dir = run_dir / INDEX_DIR
@@ -124,6 +153,8 @@ def build_index(run_dir: Path, settings: BuildSettings = BuildSettings()) -> dic
         "embeddings": {"file": EMBEDDINGS, "checksum": checksum, "size": (run_dir / EMBEDDINGS).stat().st_size},
         "index_file": {"file": INDEX_FILE, "checksum": file_checksum(index_path), "size": index_path.stat().st_size},
         "settings": dataclasses.asdict(settings),
+        "ram_policy": {"vector_bytes": int(n * dim * 4), "ram_bytes": int(settings.ram()), "share": AUTO_RAM_SHARE,
+                       "ivfpq_above_bytes": int(AUTO_RAM_SHARE * settings.ram())},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(index_dir / INDEX_MANIFEST, result)
@@ -169,6 +200,37 @@ def _build_ivf(xn: np.ndarray, settings: BuildSettings) -> tuple[faiss.Index, di
 _BUILDERS = {"flat": _build_flat, "hnsw": _build_hnsw, "ivf": _build_ivf}
 
 
+def _build_ivfpq(xb: np.ndarray, settings: BuildSettings) -> tuple[faiss.Index, dict, dict]:
+    """Train, add and tune in one pass over the memory-mapped rows; see index.ivfpq.
+
+    The exact top-k of the tuning and report queries is accumulated block by block
+    while the rows are added, so the file is read once (plus the training sample).
+    """
+    n, dim = xb.shape
+    m = max(1, min(settings.n_tune_queries, n // 2))
+    picks = np.random.default_rng(settings.seed).choice(n, 2 * m, replace=False)
+    xq = normalise(xb[picks])
+    knn = KnnAccumulator(xq, RECALL_K + 1)
+    nlist = ivfpq.nlist_for(n, settings.ivf_nlist)
+    index, params = ivfpq.build(xb, nlist, settings.pq_m, settings.seed, settings.ivf_niter,
+                                lambda lo, block: knn.add(np.arange(lo, lo + len(block)), block))
+    gt = _drop_self(knn.result()[1], picks, RECALL_K)
+    aim = min(1.0, settings.target_recall + TUNE_MARGIN)
+    nprobes = tuple(v for v in _NPROBES if v < nlist) + (nlist,)
+    nprobe, rerank, tuned = ivfpq.tune(index, xq[:m], gt[:m], nprobes, aim, n / nlist)
+    if tuned < aim:
+        log.warning("recall@10 %.3f at nprobe=%d, rerank=%d is below the aim %.3f", tuned, nprobe, rerank, aim)
+    params.update(nprobe=int(nprobe), rerank=int(rerank))
+    _, I = ivfpq.search(index, xb, xq[m:], RECALL_K + 1, params)
+    recall = {
+        "value": round(recall_at(_drop_self(I, picks[m:], RECALL_K), gt[m:]), 4),
+        "exact": False, "k": RECALL_K, "n_queries": int(m),
+        "tuned_on": {"n_queries": int(m), "recall": round(tuned, 4), "aim": aim},
+        "target": settings.target_recall, "seed": settings.seed,
+    }
+    return index, params, recall
+
+
 def search_parameters(kind: str, params: dict, sel: faiss.IDSelector | None = None,
                       share: float = 1.0) -> faiss.SearchParameters:
     """The FAISS search parameters of an index built here, optionally with a selector.
@@ -182,7 +244,7 @@ def search_parameters(kind: str, params: dict, sel: faiss.IDSelector | None = No
     """
     if kind == "hnsw":
         out = faiss.SearchParametersHNSW(efSearch=int(params["efSearch"]))
-    elif kind == "ivf":
+    elif kind in ("ivf", "ivfpq"):
         nprobe = int(np.ceil(params["nprobe"] / np.sqrt(max(share, 1e-12))))
         out = faiss.SearchParametersIVF(nprobe=min(nprobe, int(params.get("nlist", nprobe))))
     else:

@@ -1,4 +1,4 @@
-"""Group read-outs over a run: similarity matrices, neighbour composition, recall.
+"""Group read-outs over a run: similarity matrices, neighbour composition, recall, COCO AR.
 
 Groups come from ``index.groupings`` (one grouping or an intersection, exclusive or
 overlapping, as an [N, G] membership matrix), restricted to a population and an
@@ -14,21 +14,26 @@ nobody carry no attributes and so fall in ``unknown`` (``no`` for a
 """
 from __future__ import annotations
 
+import logging
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
+from index.audit import AUDIT_METRICS, PROTOCOLS, run_audit
 from index.bootstrap import BootSettings, bca_interval, image_index, one_blas_thread, per_image_sums, resample
 from index.disparity import mean_readout
 from index.groupings import GROUPINGS, POPULATIONS, Groups, by_names, groups_of, population_mask, population_rows
 from index.store import Run
 
-METRICS = ("similarity", "neighbours", "recall")
+log = logging.getLogger(__name__)
+
+METRICS = ("similarity", "neighbours", "recall", *AUDIT_METRICS)
 INTERVAL = "BCa 95%, photos resampled"  # the interval column of every read-out
-__all__ = ["GROUPINGS", "METRICS", "POPULATIONS", "GroupSettings", "compare", "detection_recall",
+__all__ = ["GROUPINGS", "METRICS", "POPULATIONS", "GroupSettings", "audit_recall", "compare", "detection_recall",
            "neighbour_composition", "population_rows", "similarity"]
 
 
@@ -113,6 +118,11 @@ def _patterns(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return M[first].astype(np.float64), stratum.ravel()
 
 
+def _blocks(X) -> Iterator[tuple[int, np.ndarray]]:
+    """(lo, rows lo..) of an array, or of index.vectors.UnitRows block by block."""
+    return X.blocks() if hasattr(X, "blocks") else iter([(0, X)])
+
+
 def similarity_statistic(M: np.ndarray, X: np.ndarray, inv: np.ndarray):
     """(statistic, value): statistic(W [b, n_images]) -> [b, 3, G, G] (centroid, pairwise,
     corrected cosines) of the rows weighted by their image's weight; value [3, G, G] the
@@ -131,9 +141,12 @@ def similarity_statistic(M: np.ndarray, X: np.ndarray, inv: np.ndarray):
     for p in range(len(Q)):
         rows = order[bounds[p]:bounds[p + 1]]
         imgs, local = np.unique(inv[rows], return_inverse=True)
-        A = per_image_sums(X[rows], local.ravel(), len(imgs))
+        local = local.ravel()
+        # X may be Run.unit_rows (streamed from the file in blocks): sum block by block.
+        A = sum((per_image_sums(x, local[lo:lo + len(x)], len(imgs)) for lo, x in _blocks(X[rows])),
+                np.zeros((len(imgs), X.shape[1])))
         sums[p] = A.sum(axis=0)
-        cells.append((imgs, A.astype(np.float32), np.bincount(local.ravel(), minlength=len(imgs)).astype(np.float32)))
+        cells.append((imgs, A.astype(np.float32), np.bincount(local, minlength=len(imgs)).astype(np.float32)))
     S = Q.T @ sums
     with one_blas_thread():
         Mf = M.astype(np.float64)
@@ -171,7 +184,7 @@ def similarity(run: Run, by: str | Sequence[str], population: str = "detections"
     groups = groups_of(run.meta.iloc[rows], by)
     sizes = groups.M.sum(axis=0)
     uniq, inv = image_index(run.meta["image_id"].to_numpy()[rows])
-    stat, value = similarity_statistic(groups.M, run.normalised(rows), inv)
+    stat, value = similarity_statistic(groups.M, run.unit_rows(rows), inv)
     value, boot, jack = resample(stat, uniq, settings.boot, value=value)
     lo, hi = bca_interval(value, boot, jack)
     params = _params(groups, population, where, settings)
@@ -269,7 +282,40 @@ def detection_recall(run: Run, by: str | Sequence[str], settings: GroupSettings 
     p-values, and ``recall_gap`` (``index.disparity``); image-cluster BCa intervals."""
     persons = run.persons[run.persons["evaluated"].to_numpy(dtype=bool, na_value=False)]
     detected = persons["detected"].to_numpy(dtype=bool, na_value=False).astype(np.float64)
-    return person_readout(persons, detected, "recall", by, settings, where, counts=True)
+    return person_readout(persons, detected, "recall", by, settings, where, counts=True,
+                          protocol=PROTOCOLS["recall"])
+
+
+_AUDITS: "weakref.WeakKeyDictionary[Run, pd.DataFrame]" = weakref.WeakKeyDictionary()
+
+
+def person_audit_of(run: Run) -> pd.DataFrame:
+    """The run's per-person COCO audit (index.audit.run_audit), computed once per opened run."""
+    audit = _AUDITS.get(run)
+    if audit is None:
+        audit = _AUDITS[run] = run_audit(run.run_dir, run.persons)
+    return audit
+
+
+def audit_recall(run: Run, by: str | Sequence[str], metric: str = "ar", settings: GroupSettings = GroupSettings(),
+                 where: str | None = None) -> pd.DataFrame:
+    """COCO AR@100, recall@0.5 or recall@0.75 per group (and ``all``), with every pairwise
+    disparity and the gap, on the image-cluster bootstrap like the threshold recall.
+
+    A group's value is the mean of the per-person value over its persons; persons outside
+    the group (or outside ``where``) stay ground truth of their photo.
+    """
+    if metric not in AUDIT_METRICS:
+        raise ValueError(f"unknown audit metric {metric!r}: choose one of {', '.join(AUDIT_METRICS)}")
+    audit = person_audit_of(run)
+    if (run.manifest.get("filters") or {}).get("where"):
+        # persons.parquet then holds only the selected persons: the others are missing from the ground truth
+        log.warning("%s was extracted with --where %r: persons outside the filter are not ground truth, so AR "
+                    "can be too high; extract without --where for the COCO protocol", run.run_dir,
+                    run.manifest["filters"]["where"])
+    persons = run.persons.set_index("person_id").loc[audit["person_id"].to_numpy()].reset_index()
+    return person_readout(persons, audit[metric].to_numpy(), metric, by, settings, where,
+                          protocol=PROTOCOLS[metric])
 
 
 def compare(run: Run, by: str | Sequence[str], metric: str, population: str | None = None,
@@ -286,4 +332,9 @@ def compare(run: Run, by: str | Sequence[str], metric: str, population: str | No
         if population not in (None, "persons"):
             raise ValueError(f"recall counts annotated persons of evaluated images: population must be 'persons', not {population!r}")
         return detection_recall(run, by, settings, where)
+    if metric in AUDIT_METRICS:
+        if population not in (None, "persons"):
+            raise ValueError(f"{metric} counts annotated persons of evaluated images: population must be 'persons', "
+                             f"not {population!r}")
+        return audit_recall(run, by, metric, settings, where)
     raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")

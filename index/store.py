@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 
 from extractor.rundir import EMBEDDINGS, INDEX_DIR, open_run
+from index import ivfpq
 from index.build import (
     INDEX_FILE, INDEX_FORMAT, INDEX_MANIFEST, BuildSettings, rebuild_hint, search_parameters,
 )
-from index.vectors import bad_rows, blocked_knn, faiss_threads, file_checksum, normalise
+from index.vectors import UnitRows, bad_rows, blocked_knn, faiss_threads, file_checksum, normalise
 from index.where import evaluate_where
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,12 @@ class Run:
         ids = self._check_ids(det_ids)
         return normalise(self.xb[ids]) if len(ids) else np.empty((0, self.dim), dtype=np.float32)
 
+    def unit_rows(self, det_ids: Sequence[int] | np.ndarray) -> UnitRows:
+        """The rows of ``normalised(det_ids)`` without reading them yet: sums and
+        weighted sums over them stream the memory-mapped file in blocks (for runs whose
+        embeddings do not fit in RAM; small selections are read once and kept)."""
+        return UnitRows(self.xb, self._check_ids(det_ids))
+
     def search(self, xq: np.ndarray, k: int, where: Where = None) -> tuple[np.ndarray, np.ndarray]:
         """Cosine top-k of each query among the rows ``where`` allows.
 
@@ -178,7 +185,8 @@ class Run:
             return D, I
         bitmap = allowed.bitmap  # the selector points into it: keep it referenced here
         exact = self.kind == "flat" or (bitmap is not None and n_allowed <= _EXACT_ALLOWED_MAX)
-        if exact and (nq >= _SMALL_BATCH or bitmap is None):  # unfiltered exact = flat: see _SMALL_BATCH
+        # Unfiltered exact = flat: see _SMALL_BATCH. ivfpq keeps no exact vectors in FAISS.
+        if exact and (nq >= _SMALL_BATCH or bitmap is None or self.kind == "ivfpq"):
             rows = None if bitmap is None else np.flatnonzero(allowed.mask)
             D[:, :kk], I[:, :kk] = self._exact_batch(xn, kk, rows)
             return D, I
@@ -186,6 +194,9 @@ class Run:
         with faiss_threads(1 if nq < _SMALL_BATCH else None):
             if exact:
                 D[:, :kk], I[:, :kk] = self._exact_search(xn, kk, sel)
+            elif self.kind == "ivfpq":  # k results whenever k rows are allowed: see ivfpq.search
+                D[:, :kk], I[:, :kk] = ivfpq.search(self._index, self.xb, xn, kk, self.index_manifest["params"],
+                                                    sel, n_allowed / self.n)
             else:
                 params = search_parameters(self.kind, self.index_manifest["params"], sel, n_allowed / self.n)
                 D[:, :kk], I[:, :kk] = self._index.search(xn, kk, params=params)
@@ -267,8 +278,10 @@ def load_run(run_dir: Path | str) -> Run:
         index = faiss.read_index(str(index_path))
     except RuntimeError as exc:
         raise ValueError(f"the index file {index_path} cannot be read ({str(exc).splitlines()[0]}): {hint}") from None
-    expected = {"flat": faiss.IndexFlatIP, "hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat}.get(kind)
-    if expected is None or not isinstance(index, expected) or index.ntotal != n or index.d != dim:
+    expected = {"flat": faiss.IndexFlatIP, "hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat,
+                "ivfpq": faiss.IndexIVFPQ}.get(kind)
+    if expected is None or not isinstance(index, expected) or index.ntotal != n or index.d != dim \
+            or not _params_match(index, kind, index_manifest.get("params", {})):
         raise ValueError(f"the index file {index_path} does not match its manifest or the run: {hint}")
     if index_manifest.get("faiss_version") != faiss.__version__:
         log.info("index built with faiss %s, running %s", index_manifest.get("faiss_version"), faiss.__version__)
@@ -282,6 +295,18 @@ def load_run(run_dir: Path | str) -> Run:
         run_dir=run_dir, manifest=manifest, index_manifest=index_manifest, meta=meta, persons=persons,
         images=images, xb=xb, _index=index, _image_codes=codes.astype(np.int64), _image_sizes=np.bincount(codes),
     )
+
+
+def _params_match(index: faiss.Index, kind: str, params: dict) -> bool:
+    """Whether the parameters searches will use describe this index."""
+    try:
+        if kind in ("ivf", "ivfpq") and (int(params["nlist"]) != index.nlist or int(params["nprobe"]) < 1):
+            return False
+        if kind == "ivfpq":
+            return int(params["m"]) == index.pq.M and int(params["nbits"]) == index.pq.nbits and int(params["rerank"]) >= 1
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _check_file(path: Path, recorded: dict, problem: str, hint: str) -> None:

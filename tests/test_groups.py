@@ -153,7 +153,7 @@ def test_bootstrap_round_matches_explicit_resample(tiny):
 def test_groups_with_the_same_members_stay_identical_in_every_round(tiny):
     meta = tiny.meta.copy()
     meta["mst_any_4"] = meta["mst_any_3"]
-    twin = SimpleNamespace(meta=meta, normalised=tiny.normalised)
+    twin = SimpleNamespace(meta=meta, normalised=tiny.normalised, unit_rows=tiny.unit_rows)
     df = similarity(twin, "mst_any", settings=GroupSettings(n_boot=200))
     row = _value(df, "centroid_cosine", "3", "4")
     assert row.value == pytest.approx(1.0) and row.ci_low == pytest.approx(1.0) and row.ci_high == pytest.approx(1.0)

@@ -136,6 +136,16 @@ def test_overview_grouping_drives_the_charts(ui_runs_env):
     assert len(after[0]["data"][0]["x"]) == 11 != len(before[0]["data"][0]["x"])
 
 
+def test_overview_detection_metric_switches_protocol(ui_runs_env):
+    at = _app("overview")
+    assert at.selectbox(key="overview_metric").value == "ar"
+    assert any("COCO AR@100" in c.value for c in at.caption)
+    at.selectbox(key="overview_metric").set_value("recall").run()
+    _no_exception(at)
+    assert any("kept detection" in c.value for c in at.caption)
+    assert _charts(at)[1]["data"][0]["x"][-1].startswith("all")
+
+
 def test_group_comparison_grouping_changes_the_matrix(ui_runs_env):
     at = _app("groups")
     assert at.selectbox(key="grp_population").value == "persons"  # the untrained demo matches nobody

@@ -56,7 +56,7 @@ def test_recall_bars_with_bootstrap_error_bars(ui_readouts):
     assert bar.x[-1].startswith("all (n=") and bar.marker.color[-1] == figures.ALL_COLOUR
     assert np.allclose(bar.error_y.array, np.nan_to_num(rec.ci_high - rec.value))
     assert np.allclose(bar.error_y.arrayminus, np.nan_to_num(rec.value - rec.ci_low))
-    assert "design effect" in bar.hovertemplate and np.asarray(bar.customdata).shape == (5, 6)
+    assert "design effect" in bar.hovertemplate and np.asarray(bar.customdata).shape == (5, 5)
     gap = df[df.metric == "recall_gap"].iloc[0]
     assert f"best {gap.group_a} minus worst {gap.group_b}" in figures.recall_gap_text(df)
 

@@ -122,31 +122,50 @@ def _error_bars(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict:
             "arrayminus": np.nan_to_num(values - lo), "thickness": 1.5, "width": 4}
 
 
+DETECTION_METRICS = {  # metric of compare -> its name on the page
+    "ar": "AR (COCO, IoU .50:.05:.95)", "recall50": "recall@0.5 (COCO)", "recall75": "recall@0.75 (COCO)",
+    "recall": "threshold recall (kept detections, IoU 0.5)",
+}
+
+
 def recall_bars(df: pd.DataFrame) -> go.Figure:
-    """Detection recall per group with image-cluster 95% intervals (from ``compare(..., "recall")``);
-    the hover adds the design effect (how much clustering by photo widened the interval)."""
-    rec = df[df["metric"] == "recall"]
+    """Detection recall or COCO AR per group with image-cluster 95% intervals (from ``compare(..., metric)``
+    with a metric of ``DETECTION_METRICS``); ``all`` is the whole population. The hover adds the
+    design effect (how much clustering by photo widened the interval)."""
+    rec = df[df["metric"].isin(list(DETECTION_METRICS))]
+    metric = str(rec["metric"].iloc[0]) if len(rec) else "recall"
     min_size = int(rec["min_group_size"].iloc[0]) if "min_group_size" in rec.columns and len(rec) else 0
     labels = group_labels(rec["group_a"].astype(str), rec["n_a"], min_size)
     values = rec["value"].to_numpy(dtype=float)
     fig = go.Figure(go.Bar(
         x=labels, y=values, error_y=_error_bars(values, rec["ci_low"].to_numpy(float), rec["ci_high"].to_numpy(float)),
         marker={"color": group_colours(rec["group_a"].astype(str)), "line": {"color": "#444", "width": 1}},
-        customdata=rec[["ci_low", "ci_high", "detected_a", "n_a", "n_images_a", "design_effect"]].to_numpy(dtype=float),
-        hovertemplate=("%{x}<br>recall %{y:.3f}<br>95% CI [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
-                       "<br>%{customdata[2]:.0f} of %{customdata[3]:.0f} detected, %{customdata[4]:.0f} photos"
-                       "<br>design effect %{customdata[5]:.2f}<extra></extra>")))
-    fig.update_layout(title="Detection recall per group (95% intervals, photos resampled)", yaxis={"range": [0, 1.05],
-                      "title": "recall"}, height=380, margin={"l": 10, "r": 10, "t": 50, "b": 10})
+        customdata=rec[["ci_low", "ci_high", "n_a", "n_images_a", "design_effect"]].to_numpy(dtype=float),
+        hovertemplate=(f"%{{x}}<br>{metric} %{{y:.3f}}<br>95% CI [%{{customdata[0]:.3f}}, %{{customdata[1]:.3f}}]"
+                       "<br>%{customdata[2]:.0f} persons on %{customdata[3]:.0f} photos"
+                       "<br>design effect %{customdata[4]:.2f}<extra></extra>")))
+    name = DETECTION_METRICS[metric]
+    fig.update_layout(title=f"{name[0].upper() + name[1:]} per group (95% intervals, photos resampled)",
+                      yaxis={"range": [0, 1.05], "title": metric}, height=380, margin={"l": 10, "r": 10, "t": 50, "b": 10})
     return fig
 
 
+def protocol_text(df: pd.DataFrame) -> str:
+    """One line naming the protocol and the interval of a detection read-out."""
+    rec = df[df["metric"].isin(list(DETECTION_METRICS))]
+    if rec.empty or "protocol" not in rec.columns:
+        return ""
+    return f"Protocol: {rec['protocol'].iloc[0]}. Intervals: {rec['interval'].iloc[0]}; `all` = every evaluated person."
+
+
 def recall_gap_text(df: pd.DataFrame) -> str:
-    gap = df[df["metric"] == "recall_gap"]
+    """The best-minus-worst gap of a detection read-out (recall, AR, ...) in one sentence."""
+    gap = df[df["metric"].astype(str).str.endswith("_gap")]
+    name = gap["metric"].iloc[0][:-len("_gap")] if len(gap) else "recall"
     if gap.empty or pd.isna(gap["value"].iloc[0]):
-        return "Recall gap: needs two groups in the choice (named, with at least the minimum group size)."
+        return f"{name} gap: needs two groups in the choice (named, with at least the minimum group size)."
     g = gap.iloc[0]
-    return (f"Recall gap (best {g['group_a']} minus worst {g['group_b']}, chosen among {int(g['family_size'])} "
+    return (f"{name} gap (best {g['group_a']} minus worst {g['group_b']}, chosen among {int(g['family_size'])} "
             f"groups): {g['value']:.3f}, 95% CI [{g['ci_low']:.3f}, {g['ci_high']:.3f}]; both groups are "
             "chosen again in every bootstrap round, so the interval accounts for the choice.")
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from extractor.rundir import CACHE_DIR, atomic_write, write_json
-from index.groups import POPULATIONS, population_rows
+from index.groupings import POPULATIONS, population_rows
 from ui.gallery import lighting_label
 
 log = logging.getLogger(__name__)
