@@ -337,7 +337,7 @@ SIMULATED_NAME = "simulated-audit"
 
 def build_simulated_audit(root: Path, rows: int = 4000, seed: int = 0) -> list[Path]:
     """Write ``<runs>/simulated-audit/{base,darken-0.5,darken-0.1}`` (``index.synthetic_audit``),
-    each indexed; rebuilt from scratch when it is there already. 4000 rows: ~15 s on 2 cores."""
+    each indexed; rebuilt from scratch when it is there already. 4000 rows: ~30 s on 2 cores."""
     from index.synthetic_audit import AuditSettings, write_synthetic_audit
 
     root.mkdir(parents=True, exist_ok=True)

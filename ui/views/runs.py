@@ -159,7 +159,7 @@ def _simulated_audit(root) -> None:
                 "nothing to show. The simulated audit writes three synthetic runs of one synthetic dataset "
                 "(`base`, `darken-0.5`, `darken-0.1`) whose detections lose more darker tones the darker the run, "
                 "with the planted truth in each manifest: learn the page on them. Every page labels them simulated.")
-    st.caption(f"About 15 s; writes `{root / runs.SIMULATED_NAME}` (`python -m index synthetic-audit` does the same).")
+    st.caption(f"About 30 s on two cores; writes `{root / runs.SIMULATED_NAME}` (`python -m index synthetic-audit` does the same).")
     if st.button("Build the simulated audit", key="build-simulated"):
         try:
             with st.spinner("Writing the simulated runs…"):
