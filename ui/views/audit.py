@@ -43,8 +43,8 @@ def render() -> None:
     picked = st.multiselect("Runs of one dataset (the first is the reference)", names, default=_default(entries),
                             key="aud_runs", help="every run must have the same annotations and persons")
     c = st.columns([1, 2, 2, 1, 1, 1])
-    # recall by default: every run has it (AR needs predictions.parquet, absent from older runs).
-    metric = c[0].selectbox("Metric", CROSS_METRICS, index=CROSS_METRICS.index("recall"), key="aud_metric",
+    # AR by default where the audit is built in (a migrated run without predictions says so in one line).
+    metric = c[0].selectbox("Metric", CROSS_METRICS, index=0, key="aud_metric",
                             help="recall = threshold recall (a kept detection at IoU 0.5); ar / recall50 / recall75 "
                                  "= COCO per-person metrics of the detection audit")
     first = c[1].selectbox("Grouping", index.GROUPINGS, index=index.GROUPINGS.index("mst_band"), key="aud_by")
