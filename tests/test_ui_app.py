@@ -106,8 +106,7 @@ def test_simulated_audit_is_one_click_away_and_drives_the_audit_page(tmp_path, m
     _no_exception(at)
     _rerun_until(at, lambda a: a.title[0].value == "Detection audit", "the simulated audit to be built and opened")
     assert at.session_state[ui_app.RUN_KEY] == "simulated-audit/base"
-    assert any("Simulated." in w.value for w in at.warning)  # the banner, and no untrained one
-    assert not any("Untrained weights" in w.value for w in at.warning)
+    assert any("Simulated." in w.value for w in at.warning)  # the banner above every page
     assert at.multiselect(key="aud_runs").value == [f"simulated-audit/{n}" for n in ("base", "darken-0.5", "darken-0.1")]
     assert sum("Simulated." in w.value for w in at.warning) == 1
     lines = _charts(at)[0]["data"]
@@ -257,6 +256,7 @@ def test_a_synthetic_run_without_dataset_or_checkpoint(tmp_path, monkeypatch):
     at = _app("overview")
     assert any("failed images" in e.label for e in at.expander)
     assert any("Untrained weights" in w.value for w in at.warning)
+    assert any("Simulated." in w.value for w in at.warning)  # a synthetic run holds planted truth
     at.switch_page("ui/pages/similar.py").run()
     assert any("records no checkpoint" in i.value for i in at.info)
     at.radio(key="sim_source").set_value("An image of this run").run()

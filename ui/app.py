@@ -30,9 +30,10 @@ UNTRAINED_BANNER = ("**Untrained weights.** This run was made with seeded untrai
                     "its detections, neighbours and group numbers are structural only. They show that the "
                     "pipeline works end to end, not how DETR treats skin tones or lighting.")
 
-SIMULATED_BANNER = ("**Simulated.** This run is part of a simulated audit (`python -m index synthetic-audit`): its "
-                    "detections were drawn from planted probabilities (the manifest's `planted`), darker tones losing "
-                    "more in the darkened runs. Use it to learn the Detection audit page; it says nothing about DETR.")
+SIMULATED_BANNER = ("**Simulated.** This run is synthetic: its detections were drawn from planted probabilities "
+                    "(the manifest's `planted` holds the truth; in the simulated audit, `python -m index "
+                    "synthetic-audit`, darkened runs lose more darker tones). Use it to learn the pages and to check "
+                    "the statistics against the truth; it says nothing about DETR.")
 
 
 # ------------------------------------------------------------------ the chosen run
@@ -77,10 +78,10 @@ def sidebar_picker(entries: list[runs.RunEntry], chosen: runs.RunEntry | None) -
 
 
 def untrained_banner(chosen: runs.RunEntry | None) -> None:
-    """The banner every page shows above itself: simulated (planted truth) or untrained weights."""
+    """The banners every page shows above itself: simulated (planted truth) and untrained weights."""
     if chosen is not None and runs.is_simulated(chosen.manifest):
         st.warning(SIMULATED_BANNER, icon=":material/science:")
-    elif chosen is not None and runs.is_untrained(chosen.manifest):
+    if chosen is not None and runs.is_untrained(chosen.manifest):
         st.warning(UNTRAINED_BANNER, icon=":material/warning:")
 
 
