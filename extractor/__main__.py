@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                         "target size: faster for large photos or small --min-size, but the pixels differ slightly "
                         "from a full decode + resize (off by default)")
     r.add_argument("--build-index", action="store_true", help="build the FAISS index when done")
+    r.add_argument("--features", default="query",
+                   help="comma-separated feature spaces kept per row: query (always), decoder (every decoder "
+                        "layer), encoder (encoder memory pooled over the box), backbone (layer4 pooled over "
+                        "the box) (default: query)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     d = sub.add_parser("demo", help="write a synthetic dataset in the FACET release format (offline demo)")
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             threshold=args.threshold, batch_size=args.batch_size, device=args.device, precision=args.precision,
             min_size=args.min_size, max_size=args.max_size, limit=args.limit, where=args.where,
             overwrite=args.overwrite, workers=args.workers, shard_size=args.shard_size, seed=args.seed, draft=args.draft,
+            features=args.features,
             build_index=args.build_index)
         result = run_extraction(settings)
         _summary(result.manifest, result.out)

@@ -13,6 +13,7 @@ import pandas as pd
 from . import rundir
 from .checkpoints import LoadedCheckpoint
 from .datasets import Dataset
+from .features import POOLING_RULE, feature_dtype, feature_files, feature_shape, feature_spaces
 from .groups import ATTRIBUTE_COLUMNS
 from .plan import Plan
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -38,19 +39,31 @@ def _versions() -> dict[str, str]:
 
 def assemble_rows(plan: Plan, shards: list[dict]) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
     """(rows sorted by image and query, their embeddings, image statuses) from the shards."""
+    rows, emb, status, _ = assemble_with_features(plan, shards, ())
+    return rows, emb, status
+
+
+def assemble_with_features(plan: Plan, shards: list[dict], files: list[str] | tuple[str, ...]
+                           ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, dict[str, np.ndarray]]:
+    """``assemble_rows`` plus the feature files' arrays in the same row order."""
     frames, embs, statuses = [], [], []
+    feats: dict[str, list[np.ndarray]] = {f: [] for f in files}
     for sh in shards:
         statuses.append(sh["status"])
         if sh["rows"] is not None:
             frames.append(sh["rows"])
             embs.append(sh["embeddings"])
+            for f in files:
+                feats[f].append(sh["features"][f])
     status = pd.concat(statuses, ignore_index=True) if statuses else pd.DataFrame(columns=["image_id", "status"])
     if not frames:
-        return pd.DataFrame(), np.zeros((0, EMBEDDING_DIM), np.float32), status
+        empty = {f: np.zeros((0, *feature_shape(f)), feature_dtype(f)) for f in files}
+        return pd.DataFrame(), np.zeros((0, EMBEDDING_DIM), np.float32), status, empty
     rows = pd.concat(frames, ignore_index=True)
     emb = np.concatenate(embs).astype(np.float32, copy=False)
     order = np.lexsort((rows["query_idx"].to_numpy(), rows["image_id"].to_numpy()))
-    return rows.iloc[order].reset_index(drop=True), emb[order], status
+    arrays = {f: np.ascontiguousarray(np.concatenate(v)[order]) for f, v in feats.items()}
+    return rows.iloc[order].reset_index(drop=True), emb[order], status, arrays
 
 
 def _attributes_for(rows: pd.DataFrame, persons: pd.DataFrame) -> pd.DataFrame:
@@ -123,10 +136,13 @@ def _save_npy(path, arr: np.ndarray) -> None:
 
 def write_outputs(s: ExtractSettings, plan: Plan, dataset: Dataset, ckpt: LoadedCheckpoint, shards: list[dict],
                   fields: dict, fp: str, timings: dict, t0: float) -> dict:
-    rows, emb, status = assemble_rows(plan, shards)
+    files = feature_files(s.features)
+    rows, emb, status, arrays = assemble_with_features(plan, shards, files)
     det, persons, images = build_tables(plan, rows, status)
     out = s.out
     rundir.atomic_write(out / rundir.EMBEDDINGS, lambda p: _save_npy(p, emb))
+    for name, arr in arrays.items():
+        rundir.atomic_write(out / name, lambda p, arr=arr: _save_npy(p, arr))
     for name, df in ((rundir.DETECTIONS, det), (rundir.PERSONS, persons), (rundir.IMAGES, images)):
         rundir.atomic_write(out / name, lambda p, df=df: df.to_parquet(p, index=False))
 
@@ -172,7 +188,10 @@ def write_outputs(s: ExtractSettings, plan: Plan, dataset: Dataset, ckpt: Loaded
             "fallback_rows": int((~det["detected"]).sum()), "rows": int(len(det)),
         },
         "files": {name: (out / name).stat().st_size for name in
-                  (rundir.EMBEDDINGS, rundir.DETECTIONS, rundir.PERSONS, rundir.IMAGES)},
+                  (rundir.EMBEDDINGS, rundir.DETECTIONS, rundir.PERSONS, rundir.IMAGES, *files)},
+        "feature_spaces": feature_spaces(s.features),
+        "features": {"requested": list(s.features), "pooling": POOLING_RULE,
+                     "files": {name: {"shape": list(arr.shape), "dtype": str(arr.dtype)} for name, arr in arrays.items()}},
         "versions": _versions(),
         "timings": timings,
     }

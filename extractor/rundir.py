@@ -7,6 +7,9 @@ runs/<name>/
   persons.parquet      person_id, image_id, gt box, attributes, det_id, embedding_det_id, ...
   detections.parquet   det_id, image_id, query_idx, score, x1..y2, person_id, iou, detected, ...
   embeddings.npy       float32 [N, 256]; row i is det_id i
+  decoder_layers.npy   optional float32 [N, 6, 256]: every decoder layer (extractor run --features decoder)
+  encoder_roi.npy      optional float32 [N, 256]: encoder memory pooled over the row's box (--features encoder)
+  backbone_roi.npy     optional float16 [N, 2048]: ResNet layer4 pooled over the row's box (--features backbone)
   index/               built by ``python -m index build``
   cache/               derived, reproducible artefacts (projections)
   .work/               shards of an unfinished extraction; removed when it completes
@@ -30,6 +33,19 @@ WORK_DIR = ".work"
 INDEX_DIR = "index"
 CACHE_DIR = "cache"
 OUTPUTS = (IMAGES, PERSONS, DETECTIONS, EMBEDDINGS, MANIFEST)
+# Optional per-row feature files, row-aligned with EMBEDDINGS (extractor/features.py writes them).
+DECODER_LAYERS = "decoder_layers.npy"
+ENCODER_ROI = "encoder_roi.npy"
+BACKBONE_ROI = "backbone_roi.npy"
+FEATURE_FILES = (DECODER_LAYERS, ENCODER_ROI, BACKBONE_ROI)
+N_DECODER_LAYERS = 6
+# Feature space -> (file, layer of a [N, layers, d] file or None for a [N, d] file).
+FEATURE_SPACES: dict[str, tuple[str, int | None]] = {
+    "query": (EMBEDDINGS, None),
+    **{f"decoder_{i}": (DECODER_LAYERS, i - 1) for i in range(1, N_DECODER_LAYERS + 1)},
+    "encoder_roi": (ENCODER_ROI, None),
+    "backbone_roi": (BACKBONE_ROI, None),
+}
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
