@@ -14,11 +14,14 @@ from index.groups import (
     GROUPINGS, METRICS, POPULATIONS, GroupSettings, compare, detection_recall, membership,
     neighbour_composition, population_rows, similarity,
 )
+from index.probe import ProbeSettings, probe
+from index.spaces import SPACES, run_spaces
 from index.store import Run, load_run
 from index.synthetic import write_synthetic_run
 
 __all__ = [
-    "BuildSettings", "GROUPINGS", "GroupSettings", "METRICS", "POPULATIONS", "Run", "build_index", "compare",
+    "BuildSettings", "GROUPINGS", "GroupSettings", "METRICS", "POPULATIONS", "ProbeSettings", "Run", "SPACES",
+    "build_index", "compare", "probe", "run_spaces",
     "detection_recall", "load_run", "membership", "neighbour_composition", "population_rows", "read_csv_bytes", "similarity",
     "to_csv_bytes", "write_synthetic_run",
 ]

@@ -11,10 +11,12 @@ from typing import NoReturn, Sequence
 # Before FAISS's OpenMP starts: spinning waiters stall everything on a busy 2-core machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from extractor.rundir import atomic_write
+from extractor.rundir import atomic_write, read_manifest
 from index.build import KINDS, BuildSettings, build_index
 from index.export import to_csv_bytes
 from index.groups import GROUPINGS, METRICS, POPULATIONS, GroupSettings, compare
+from index.probe import ProbeSettings, probe, spaces_arg
+from index.spaces import SPACES
 from index.store import load_run
 from index.synthetic import write_synthetic_run
 
@@ -36,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Build RUN/index/ (cosine similarity over L2-normalised embeddings, ids = det_id) "
                                    "and write its manifest with recall, parameters and checksums.")
     b.add_argument("run", type=Path, help="run directory written by the extractor")
+    b.add_argument("--space", choices=(*SPACES, "all"), default="query", metavar="SPACE",
+                   help=f"feature space to index: {', '.join(SPACES)}, or all (every space the run has); "
+                        "query lives in RUN/index/, the others in RUN/index/<space>/ (default: query)")
     b.add_argument("--kind", choices=KINDS, default="auto",
                    help="flat = exact IndexFlatIP; hnsw / ivf = approximate with a tuned search parameter; "
                         "auto = flat up to --exact-max-rows rows, approximate above (default: auto)")
@@ -53,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"grouping: {', '.join(GROUPINGS)}")
     c.add_argument("--metric", required=True, choices=METRICS,
                    help="similarity = centroid and mean pairwise cosine; neighbours = share of each group among "
-                        "the k nearest neighbours vs its base rate; recall = detection recall per group and the gap")
+                        "the k nearest neighbours vs its base rate; recall = detection recall per group and the gap; "
+                        "probe = how linearly decodable the grouping is from each feature space (image-grouped "
+                        "cross-validated logistic regression vs a box/score/image-size baseline)")
+    c.add_argument("--space", choices=(*SPACES, "all"), default=None, metavar="SPACE",
+                   help=f"feature space: {', '.join(SPACES)}; all = every space the run has (probe only). "
+                        "Default: query; for probe, all")
     c.add_argument("--population", choices=POPULATIONS, default=None,
                    help="rows compared: detections = matched detections, persons = one row per annotated person, "
                         "all = every row (default: detections; recall always counts annotated persons)")
@@ -85,11 +95,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "build":
             settings = BuildSettings(kind=args.kind, seed=args.seed, exact_max_rows=args.exact_max_rows,
                                      target_recall=args.target_recall)
-            build_index(args.run, settings)
+            for space in spaces_arg(args.space, read_manifest(args.run)):
+                build_index(args.run, settings, space)
         elif args.command == "compare":
-            settings = GroupSettings(k=args.k, n_boot=args.n_boot, seed=args.seed, min_group_size=args.min_group_size,
-                                     max_queries_per_group=args.max_queries_per_group)
-            data = to_csv_bytes(compare(load_run(args.run), args.by, args.metric, args.population, settings))
+            if args.metric == "probe":
+                spaces = spaces_arg(args.space, read_manifest(args.run), default="all")
+                ps = ProbeSettings(n_boot=args.n_boot, seed=args.seed, min_group_size=args.min_group_size)
+                df = probe(args.run, args.by, spaces, args.population or "persons", ps)
+            else:
+                if args.space == "all":
+                    raise ValueError("--space all is for --metric probe; name one space for the other read-outs")
+                settings = GroupSettings(k=args.k, n_boot=args.n_boot, seed=args.seed,
+                                         min_group_size=args.min_group_size,
+                                         max_queries_per_group=args.max_queries_per_group)
+                df = compare(load_run(args.run, args.space or "query"), args.by, args.metric, args.population,
+                             settings)
+            data = to_csv_bytes(df)
             atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
             log.info("wrote %s", args.out)
         else:

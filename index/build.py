@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from extractor.rundir import DETECTIONS, EMBEDDINGS, INDEX_DIR, atomic_write, read_manifest, write_json
+from extractor.rundir import DETECTIONS, EMBEDDINGS, atomic_write, read_manifest, write_json
+from index.spaces import DEFAULT_SPACE, open_space, space_file, space_index_dir
 from index.vectors import CHUNK_ROWS, bad_rows, blocked_knn, file_checksum, normalise
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,9 @@ class BuildSettings:
         return int(max(1, min(n // 39, 2 ** round(np.log2(max(1.0, 2 * np.sqrt(n)))))))
 
 
-def rebuild_hint(run_dir: Path) -> str:
-    return f"rebuild it with `python -m index build {run_dir}`"
+def rebuild_hint(run_dir: Path, space: str = DEFAULT_SPACE) -> str:
+    suffix = "" if space == DEFAULT_SPACE else f" --space {space}"
+    return f"rebuild it with `python -m index build {run_dir}{suffix}`"
 
 
 def open_embeddings(run_dir: Path, manifest: dict) -> np.ndarray:
@@ -108,22 +110,24 @@ def detections_rows(run_dir: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def build_index(run_dir: Path, settings: BuildSettings = BuildSettings()) -> dict:
-    """Build and write the index of ``run_dir``; returns the index manifest."""
+def build_index(run_dir: Path, settings: BuildSettings = BuildSettings(), space: str = DEFAULT_SPACE) -> dict:
+    """Build and write the index of one feature space of ``run_dir`` (index/spaces.py);
+    returns the index manifest."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     if manifest.get("status", "complete") != "complete":
         raise ValueError(f"{run_dir} is not a complete run (status {manifest.get('status')!r}): finish the extraction first")
-    xb = open_embeddings(run_dir, manifest)
+    xb = open_space(run_dir, manifest, space)
+    source = space_file(space)
     n, dim = xb.shape
     if n == 0:
         raise ValueError(f"{run_dir} has no embeddings: nothing to index")
     n_meta = detections_rows(run_dir)
     if n_meta != n:
-        raise ValueError(f"{run_dir}: {DETECTIONS} has {n_meta} rows but {EMBEDDINGS} has {n}: extract the run again")
+        raise ValueError(f"{run_dir}: {DETECTIONS} has {n_meta} rows but {source} has {n}: extract the run again")
 
     started = time.perf_counter()
-    checksum = file_checksum(run_dir / EMBEDDINGS)
+    checksum = file_checksum(run_dir / source)
     xn = np.empty((n, dim), dtype=np.float32)
     for lo in tqdm(range(0, n, CHUNK_ROWS), desc="normalise", unit="chunk", disable=None):
         xn[lo:lo + CHUNK_ROWS] = normalise(xb[lo:lo + CHUNK_ROWS])
@@ -139,7 +143,7 @@ def build_index(run_dir: Path, settings: BuildSettings = BuildSettings()) -> dic
     recall = _tune_and_measure(index, kind, params, xn, settings)
     build_seconds = time.perf_counter() - started
 
-    index_dir = run_dir / INDEX_DIR
+    index_dir = space_index_dir(run_dir, space)
     index_path = index_dir / INDEX_FILE
     atomic_write(index_path, lambda tmp: faiss.write_index(index, str(tmp)))
     result = {
@@ -152,7 +156,8 @@ def build_index(run_dir: Path, settings: BuildSettings = BuildSettings()) -> dic
         "recall_at_10": recall,
         "build_seconds": round(build_seconds, 3),
         "faiss_version": faiss.__version__,
-        "embeddings": {"file": EMBEDDINGS, "checksum": checksum, "size": (run_dir / EMBEDDINGS).stat().st_size},
+        "space": space,
+        "embeddings": {"file": source, "checksum": checksum, "size": (run_dir / source).stat().st_size},
         "index_file": {"file": INDEX_FILE, "checksum": file_checksum(index_path), "size": index_path.stat().st_size},
         "settings": dataclasses.asdict(settings),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

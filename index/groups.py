@@ -31,7 +31,7 @@ GROUPINGS = (
     "gender_mode", "gender_any", "age_mode", "age_any",
 )
 POPULATIONS = ("detections", "persons", "all")
-METRICS = ("similarity", "neighbours", "recall")
+METRICS = ("similarity", "neighbours", "recall", "probe")
 _BOOT_CHUNK = 64  # bootstrap rounds per matrix product; fixed so results do not depend on n
 
 
@@ -304,4 +304,9 @@ def compare(run: Run, by: str, metric: str, population: str | None = None,
         if population not in (None, "persons"):
             raise ValueError(f"recall counts annotated persons of evaluated images: population must be 'persons', not {population!r}")
         return detection_recall(run, by, settings)
+    if metric == "probe":  # the run's own space; index.probe.probe covers several at once
+        from index.probe import ProbeSettings, probe
+        ps = ProbeSettings(n_boot=settings.n_boot, seed=settings.seed, min_group_size=settings.min_group_size)
+        return probe(run.run_dir, by, [run.space], population or "persons", ps, meta=run.meta, images=run.images,
+                     arrays={run.space: run.xb})
     raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
