@@ -131,3 +131,48 @@ def test_run_features_equal_a_recomputation_of_one_image(feature_run):
         np.testing.assert_allclose(bb[k], want_bb, rtol=2e-3, atol=2e-3 * np.abs(want_bb).max())
         want_enc = _reference_pool(mem, grid, box, model.stride)
         np.testing.assert_allclose(enc[k], want_enc, rtol=1e-3, atol=1e-3 * np.abs(want_enc).max())
+
+
+def test_index_per_space_and_probe_from_the_cli(feature_run, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from index import load_run, read_csv_bytes
+
+    _, out = feature_run
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "index", *map(str, args)], cwd=root, capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    cli("build", out, "--space", "all")
+    assert (out / "index" / "manifest.json").is_file()  # query stays where it always was
+    for space in list(rundir.FEATURE_SPACES)[1:]:
+        m = json.loads((out / "index" / space / "manifest.json").read_text())
+        assert m["space"] == space and m["n"] == len(np.load(out / rundir.EMBEDDINGS))
+    query, last, bb = load_run(out), load_run(out, "decoder_6"), load_run(out, "backbone_roi")
+    assert (last.dim, bb.dim, bb.space) == (256, 2048, "backbone_roi")
+    ids = np.arange(min(5, query.n))
+    # decoder_6 holds the query embeddings: the same neighbours
+    np.testing.assert_array_equal(last.neighbours(ids, 3)[1], query.neighbours(ids, 3)[1])
+    cli("compare", out, "--metric", "similarity", "--by", "mst_band", "--space", "encoder_roi",
+        "--population", "all", "--n-boot", "20", "--out", tmp_path / "sim.csv")
+    sim = read_csv_bytes((tmp_path / "sim.csv").read_bytes())
+    assert len(sim) and sim["metric"].iloc[0] == "centroid_cosine"
+    cli("compare", out, "--metric", "probe", "--by", "lighting_well_lit", "--population", "all",
+        "--n-boot", "50", "--out", tmp_path / "probe.csv")
+    df = read_csv_bytes((tmp_path / "probe.csv").read_bytes())
+    assert set(df["group_a"]) == {"nuisance", *rundir.FEATURE_SPACES}
+
+
+def test_a_space_the_run_lacks_is_a_clear_error(tmp_path):
+    from index import build_index, write_synthetic_run
+
+    run = write_synthetic_run(tmp_path / "run", 50, seed=0)
+    with pytest.raises(ValueError, match="has no decoder_2 features"):
+        build_index(run, space="decoder_2")
+    with pytest.raises(ValueError, match="unknown feature space"):
+        build_index(run, space="decoder_7")

@@ -85,5 +85,15 @@ def test_weighted_auc_matches_sklearn_with_ties_and_weights():
     positive = rng.random(400) < 0.3 + 0.2 * (score > 0)
     W = rng.integers(0, 3, size=(4, 400)).astype(float)
     got = _weighted_auc(score, positive, W)
+    # per-image weights: 400 rows in 50 images
+    codes = rng.integers(0, 50, size=400)
+    C = rng.integers(0, 3, size=(3, 50)).astype(float)
+    np.testing.assert_allclose(_weighted_auc(score, positive, C, codes),
+                               [roc_auc_score(positive, score, sample_weight=c[codes]) for c in C], rtol=1e-12)
+    # continuous scores take the tie-free path
+    smooth = score + rng.normal(scale=1e-3, size=400)
+    np.testing.assert_allclose(_weighted_auc(smooth, positive, C, codes),
+                               [roc_auc_score(positive, smooth, sample_weight=c[codes]) for c in C], rtol=1e-10)
+    assert np.isnan(_weighted_auc(smooth, np.ones(400, bool), C, codes)).all()
     want = [roc_auc_score(positive, score, sample_weight=w) for w in W]
     np.testing.assert_allclose(got, want, rtol=1e-12)

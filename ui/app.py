@@ -114,6 +114,12 @@ def compare(key: tuple[str, tuple[int, int]], by: str, metric: str, population: 
     return index.compare(_open_run(*key), by, metric, population, settings)
 
 
+@st.cache_data(max_entries=16, show_spinner="Probing every feature space (cross-validated, bootstrap intervals)…")
+def probe(key: tuple[str, tuple[int, int]], by: str, population: str, settings: index.ProbeSettings) -> pd.DataFrame:
+    """``index.probe`` over every feature space of the run, cached like ``compare``."""
+    return index.probe(key[0], by, None, population, settings)
+
+
 def readout(key: tuple[str, tuple[int, int]], by: str, metric: str, population: str | None,
             settings: index.GroupSettings) -> pd.DataFrame | None:
     """``compare`` for a page: a read-out that cannot be computed is one line of error, not a traceback."""

@@ -63,6 +63,34 @@ def render() -> None:
     _download(rec, "recall", params)
     if small or rec["small_group"].any():
         st.info(figures.small_note(settings.min_group_size))
+    _probe_section(run, key, by, population, settings)
+
+
+def _probe_section(run: index.Run, key: tuple, by: str, population: str, settings: index.GroupSettings) -> None:
+    """How linearly decodable the grouping is from every feature space of the run (on request: it fits
+    one cross-validated probe per space)."""
+    st.subheader("Probe: attribute information by depth")
+    spaces = index.run_spaces(run.manifest)
+    st.caption(f"Class-balanced logistic regression on each feature space ({', '.join(spaces)}; PCA to 128 "
+               "dimensions), 5 folds grouped by image, balanced accuracy with image-bootstrap intervals, against "
+               "chance and a baseline on box geometry, score and image size. "
+               + ("" if len(spaces) > 1 else "This run has the final query embedding only: extract it with "
+                  "`--features query,decoder,encoder,backbone` to compare depths."))
+    if not st.toggle("Run the probe", key="grp_probe", help="a few seconds on the demo, about a minute at 50k rows"):
+        return
+    ps = index.ProbeSettings(n_boot=settings.n_boot, seed=settings.seed, min_group_size=settings.min_group_size)
+    pop = "persons" if population == "detections" and int(run.meta["matched"].sum()) < 2 else population
+    try:
+        df = app.probe(key, by, pop, ps)
+    except (ValueError, OSError) as exc:
+        st.error(f"The probe by {by} cannot be computed: {exc}")
+        return
+    metric = st.radio("Probe metric", ("balanced_accuracy", "macro_auc"), horizontal=True, key="grp_probe_metric")
+    st.plotly_chart(figures.probe_by_depth(df, metric), width="stretch", key="grp_probe_fig")
+    cli = (f"python -m index compare RUN --by {by} --metric probe --space all --population {pop} "
+           f"--n-boot {ps.n_boot} --seed {ps.seed} --min-group-size {ps.min_group_size}")
+    st.download_button("probe (CSV)", index.to_csv_bytes(df), file_name=f"probe-{by}-{pop}.csv", mime="text/csv",
+                       key="grp_csv_probe", help=f"Identical to `{cli} --out FILE`")
 
 
 def _embedding_readouts(key: tuple, by: str, population: str, settings: index.GroupSettings, params: dict) -> bool:
