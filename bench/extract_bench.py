@@ -112,8 +112,8 @@ def pick_threshold(plain: dict[str, dict], per_image: float = 3.0) -> float:
 
 
 def agreement(plain: dict[str, dict], run: Path, threshold: float, persons: pd.DataFrame) -> dict:
-    det = pd.read_parquet(run / rundir.DETECTIONS)
-    emb = np.load(run / rundir.EMBEDDINGS)
+    files = rundir.open_run(run)
+    det, emb = files.detections(), files.embeddings()
     cos, dscore = [], []
     for row, e in zip(det.itertuples(), emb):
         ref = plain[row.filename]
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = run_extraction(settings)
     t_b = time.perf_counter() - t0
-    persons = pd.read_parquet(result.out / rundir.PERSONS)
+    persons = rundir.open_run(result.out).persons()
     agree = agreement(plain, result.out, threshold, persons)
     m = result.manifest
     sizes = m["files"]

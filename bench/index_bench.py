@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from index import GroupSettings, build_index, compare, load_run, write_synthetic_run  # noqa: E402
 from index.build import BuildSettings  # noqa: E402
+from extractor import rundir  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -67,7 +68,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 def bench_size(n: int, kinds: list[str], work: Path, args: argparse.Namespace) -> list[dict]:
     run_dir = work / f"run_{n}"
-    if not (run_dir / "manifest.json").is_file():
+    if not (run_dir / rundir.MANIFEST).is_file():
         t0 = time.perf_counter()
         write_synthetic_run(run_dir, n, seed=args.seed)
         logging.info("wrote %d rows in %.1f s", n, time.perf_counter() - t0)
@@ -112,7 +113,7 @@ def bench_size(n: int, kinds: list[str], work: Path, args: argparse.Namespace) -
 
 def bench_readouts(n: int, work: Path, args: argparse.Namespace) -> list[dict]:
     run_dir = work / f"run_{n}"
-    if not (run_dir / "manifest.json").is_file():
+    if not (run_dir / rundir.MANIFEST).is_file():
         write_synthetic_run(run_dir, n, seed=args.seed)
     shutil.rmtree(run_dir / "index", ignore_errors=True)
     build_index(run_dir, BuildSettings(seed=args.seed))

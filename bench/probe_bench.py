@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from extractor.rundir import DETECTIONS, FEATURE_SPACES, IMAGES  # noqa: E402
-from index.groups import membership  # noqa: E402
+from extractor.rundir import DETECTIONS, IMAGES  # noqa: E402
+from index.spaces import SPACES as FEATURE_SPACES  # noqa: E402
+from index.groupings import membership  # noqa: E402
 from index.probe import ProbeSettings, probe  # noqa: E402
 from index.synthetic import write_synthetic_run  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""``python -m extractor run|demo``: DETR person embeddings from FACET into a run directory."""
+"""``python -m extractor run|sweep|demo|migrate``: DETR person embeddings from FACET into run directories."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,16 @@ EXAMPLES = """examples:
   python -m extractor run --data data/demo --out runs/demo --checkpoint none --min-size 320 --max-size 512
   python -m extractor run --data /data/facet --out runs/facet-r50
   python -m extractor run --data /data/facet --out runs/dark-dim --where "mst_mode in [7,8,9,10] and lighting_dimly_lit"
+  python -m extractor run --data /data/facet --out runs/facet-dark-jpeg --perturb darken:0.5,jpeg:75
+  python -m extractor sweep --data /data/facet --out runs/darkness --perturb darken:1.0,0.5,0.1
 """
+PERTURB_HELP = ("photometric change applied to each image at its original resolution before the resize, "
+                "several comma-separated in order: darken:F (sRGB values times F, 0..1), exposure:EV (linear "
+                "light times 2^EV), gamma:G, blur:SIGMA (px), noise:SIGMA (0..255, seeded by file name), jpeg:Q, "
+                "grayscale (BT.601), none. Each step rounds to 8 bits. Default none")
+SWEEP_HELP = ("one run per comma item, in RUN/<item>: darken:1.0,0.5,0.1 -> darken-1.0, darken-0.5, darken-0.1 "
+              "(a bare value repeats the kind before it; + chains steps in one run: grayscale+darken:0.5 -> "
+              "grayscale+darken-0.5; a minus sign is written m: exposure:-1 -> exposure-m1.0)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,12 +35,34 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="extract one embedding per detected (or missed) person into a run directory",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_options(r, out_help="run directory to write (resumed if unfinished)", perturb_help=PERTURB_HELP)
+    w = sub.add_parser("sweep", help="one ordinary run per perturbation value (e.g. the darkness study) under one folder",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_options(w, out_help="folder of the sweep: one run directory per value inside it (each resumed if "
+                 "unfinished)", perturb_help=SWEEP_HELP, perturb_required=True)
+
+    d = sub.add_parser("demo", help="write a synthetic dataset in the FACET release format (offline demo)")
+    d.add_argument("--out", required=True, type=Path, help="directory to write the dataset to")
+    d.add_argument("--images", type=int, default=120, help="number of scenes (default 120)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same files")
+    d.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    m = sub.add_parser("migrate", help="bring a run of an older schema version to the current one",
+                       description="Rewrite RUN in the current run schema version, keeping its tables and "
+                                   "embeddings (cheap). Runs that cannot be migrated say so: extract them again.")
+    m.add_argument("run", type=Path, help="run directory to migrate in place")
+    m.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _run_options(r: argparse.ArgumentParser, out_help: str, perturb_help: str, perturb_required: bool = False) -> None:
+    """The options of one run, shared by ``run`` and ``sweep``."""
     r.add_argument("--data", required=True, type=Path,
                    help="dataset root: the FACET release (annotations.csv + sa_*.jpg in any sub-folders) "
                         "or a COCO-style conversion (val2017/ + a json with FACET attributes)")
     r.add_argument("--annotations", type=Path, default=None,
                    help="annotation file (csv or json) when the root holds several or it sits elsewhere")
-    r.add_argument("--out", required=True, type=Path, help="run directory to write (resumed if unfinished)")
+    r.add_argument("--out", required=True, type=Path, help=out_help)
     r.add_argument("--checkpoint", default="detr-r50",
                    help="detr-r50 | detr-r50-dc5 | detr-r101 | detr-r101-dc5 (downloaded once, hash-checked, "
                         "cached by torch.hub), a URL, a local .pth, or 'none' for seeded untrained weights "
@@ -63,19 +94,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) when that is still at least the "
                         "target size: faster for large photos or small --min-size, but the pixels differ slightly "
                         "from a full decode + resize (off by default)")
+    r.add_argument("--perturb", default=None if perturb_required else "none", required=perturb_required,
+                   help=perturb_help)
     r.add_argument("--build-index", action="store_true", help="build the FAISS index when done")
     r.add_argument("--features", default="query",
                    help="comma-separated feature spaces kept per row: query (always), decoder (every decoder "
                         "layer), encoder (encoder memory pooled over the box), backbone (layer4 pooled over "
                         "the box) (default: query)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-
-    d = sub.add_parser("demo", help="write a synthetic dataset in the FACET release format (offline demo)")
-    d.add_argument("--out", required=True, type=Path, help="directory to write the dataset to")
-    d.add_argument("--images", type=int, default=120, help="number of scenes (default 120)")
-    d.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same files")
-    d.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             summary = write_demo(args.out, n_images=args.images, seed=args.seed)
             print(f"wrote {summary.n_images} images with {summary.n_persons} persons to {summary.root}")
             return 0
+        if args.command == "migrate":
+            from .rundir.migrate import migrate_run
+            migrated = migrate_run(args.run)
+            print(f"migrated {args.run} to run schema version {migrated.schema_version} (tables and embeddings "
+                  "kept; the detection audit needs the per-query predictions of a new extraction)")
+            return 0
+        from .perturb import parse_perturbation, parse_sweep
         from .pipeline import run_extraction
         from .settings import ExtractSettings
         settings = ExtractSettings(
@@ -96,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             min_size=args.min_size, max_size=args.max_size, limit=args.limit, where=args.where,
             overwrite=args.overwrite, workers=args.workers, shard_size=args.shard_size, seed=args.seed, draft=args.draft,
             features=args.features,
-            build_index=args.build_index)
+            build_index=args.build_index,
+            perturb=parse_perturbation(args.perturb) if args.command == "run" else parse_perturbation(None))
+        if args.command == "sweep":
+            from .sweep import run_sweep
+            for result in run_sweep(settings, parse_sweep(args.perturb)):
+                _summary(result.manifest, result.out)
+            return 0
         result = run_extraction(settings)
         _summary(result.manifest, result.out)
         return 0
@@ -114,6 +153,7 @@ def _summary(manifest: dict, out: Path) -> None:
     lines = [
         f"run: {out}",
         f"  checkpoint: {ck['name']}" + ("  (untrained weights: numbers are structural only)" if ck["untrained"] else ""),
+        f"  perturbation: {(manifest.get('perturbation') or {}).get('words', 'none')}",
         f"  images: {c['images']} ({c['images_failed']} could not be used)",
         f"  persons: {c['persons']} annotated, {c['persons_detected']} detected at threshold {manifest['threshold']}",
         f"  rows: {c['rows']} embeddings ({c['detections_kept']} kept detections, {c['fallback_rows']} for missed persons)",

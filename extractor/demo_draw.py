@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-MST_HEX = ("#f6ede4", "#f3e7db", "#f7ead0", "#eadaba", "#d7bd96",
-           "#a07e56", "#825c43", "#604134", "#3a312a", "#292420")
+from .rundir.facet import MST_HEX
+
 MST_RGB: tuple[tuple[int, int, int], ...] = tuple(
     (int(h[1:3], 16), int(h[3:5], 16), int(h[5:7], 16)) for h in MST_HEX)
 

@@ -31,6 +31,7 @@ from torchvision.ops import roi_align
 from . import rundir
 
 FEATURE_CHOICES = ("query", "decoder", "encoder", "backbone")
+N_DECODER_LAYERS = 6
 ROI_OUTPUT = 7
 ROI_SAMPLES = 2
 POOLING_RULE = ("predicted box in model-input pixels clipped to the unpadded image; feature map cut to its "
@@ -58,9 +59,11 @@ def parse_features(value: str | tuple[str, ...] | list[str] | None) -> tuple[str
 
 
 def feature_spaces(features: tuple[str, ...]) -> list[str]:
-    """The index spaces a run with these ``features`` has (``query`` first)."""
-    wanted = {rundir.EMBEDDINGS} | {_FILES[f][0] for f in features if f in _FILES}
-    return [space for space, (file, _) in rundir.FEATURE_SPACES.items() if file in wanted]
+    """The index spaces (index/spaces.py) a run with these ``features`` has (``query`` first)."""
+    out = ["query"]
+    if "decoder" in features:
+        out += [f"decoder_{i}" for i in range(1, N_DECODER_LAYERS + 1)]
+    return out + [name for f, name in (("encoder", "encoder_roi"), ("backbone", "backbone_roi")) if f in features]
 
 
 def feature_files(features: tuple[str, ...]) -> list[str]:
@@ -73,7 +76,7 @@ def feature_dtype(file: str) -> np.dtype:
 
 def feature_shape(file: str, dim: int = 256) -> tuple[int, ...]:
     """Per-row shape of a feature file."""
-    return {rundir.DECODER_LAYERS: (rundir.N_DECODER_LAYERS, dim), rundir.ENCODER_ROI: (dim,),
+    return {rundir.DECODER_LAYERS: (N_DECODER_LAYERS, dim), rundir.ENCODER_ROI: (dim,),
             rundir.BACKBONE_ROI: (2048,)}[file]
 
 

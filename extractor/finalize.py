@@ -1,10 +1,7 @@
 """Turning finished shards into the run directory's final files and manifest (DESIGN §5)."""
 from __future__ import annotations
 
-import datetime as dt
-import importlib.metadata
 import logging
-import platform
 import time
 
 import numpy as np
@@ -13,7 +10,7 @@ import pandas as pd
 from . import rundir
 from .checkpoints import LoadedCheckpoint
 from .datasets import Dataset
-from .features import POOLING_RULE, feature_dtype, feature_files, feature_shape, feature_spaces
+from .features import POOLING_RULE, feature_dtype, feature_files, feature_shape
 from .groups import ATTRIBUTE_COLUMNS
 from .plan import Plan
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -24,19 +21,6 @@ log = logging.getLogger(__name__)
 EMBEDDING_DIM = 256
 DETECTION_COLUMNS = ("det_id", "image_id", "filename", "query_idx", "score", "x1", "y1", "x2", "y2",
                      "person_id", "iou", "detected", "matched", "has_person")
-PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pyarrow", "pillow", "faiss-cpu", "scipy")
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def assemble_rows(plan: Plan, shards: list[dict]) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
     """(rows sorted by image and query, their embeddings, image statuses) from the shards."""
     rows, emb, status, _ = assemble_with_features(plan, shards, ())
@@ -128,76 +112,46 @@ def build_tables(plan: Plan, rows: pd.DataFrame, status: pd.DataFrame):
     return det, persons.reset_index(drop=True), images.reset_index(drop=True)
 
 
-def _save_npy(path, arr: np.ndarray) -> None:
-    # Through a handle: np.save on a path not ending in .npy would append the suffix.
-    with open(path, "wb") as fh:
-        np.save(fh, arr)
-
-
 def write_outputs(s: ExtractSettings, plan: Plan, dataset: Dataset, ckpt: LoadedCheckpoint, shards: list[dict],
                   fields: dict, fp: str, timings: dict, t0: float) -> dict:
+    """Assemble the shards and write the run through the run-format writer; -> manifest dict."""
     files = feature_files(s.features)
     rows, emb, status, arrays = assemble_with_features(plan, shards, files)
     det, persons, images = build_tables(plan, rows, status)
-    out = s.out
-    rundir.atomic_write(out / rundir.EMBEDDINGS, lambda p: _save_npy(p, emb))
-    for name, arr in arrays.items():
-        rundir.atomic_write(out / name, lambda p, arr=arr: _save_npy(p, arr))
-    for name, df in ((rundir.DETECTIONS, det), (rundir.PERSONS, persons), (rundir.IMAGES, images)):
-        rundir.atomic_write(out / name, lambda p, df=df: df.to_parquet(p, index=False))
-
+    by_file = {space.file: name for name, space in rundir.FEATURE_SPACES.items()}
+    features = {by_file[f]: arr for f, arr in arrays.items()}
     skipped_counts: dict[str, int] = {}
     for row in plan.skipped:
         kind = row.reason.split(":", 1)[0]
         skipped_counts[kind] = skipped_counts.get(kind, 0) + 1
-    failed = images[images["status"] != "ok"]
-    evaluated = persons[persons["evaluated"]]
-    timings = dict(timings, total_s=round(time.perf_counter() - t0, 3))
-    manifest = {
-        "schema_version": rundir.SCHEMA_VERSION,
-        "status": "complete",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings_fingerprint": fp,
-        "settings": fields,
-        "embedding_dim": EMBEDDING_DIM,
-        "threshold": s.threshold,
-        "min_iou": s.min_iou,
-        "model": {"architecture": "DETR", "backbone": ckpt.backbone, "dilation": ckpt.dilation,
-                  "num_queries": 100, "num_classes": 91, "person_class": 1},
-        "checkpoint": {"spec": s.checkpoint, "name": ckpt.name, "source": ckpt.source, "sha256": ckpt.sha256,
-                       "untrained": ckpt.untrained, "seed": ckpt.seed},
-        "preprocessing": {"min_size": s.min_size, "max_size": s.max_size, "mean": IMAGENET_MEAN,
-                          "std": IMAGENET_STD, "resize": "PIL bilinear", "jpeg_draft": s.draft,
-                          "device": s.device, "precision": s.precision, "batch_size": s.batch_size},
-        "dataset": {"root": str(dataset.root), "format": dataset.format, "annotations": str(dataset.annotations),
-                    "annotations_sha256": plan.annotations_sha256, "rows_read": dataset.rows_read,
-                    "persons_valid": len(dataset.persons), "images": len(dataset.images),
-                    "skipped_rows": len(plan.skipped), "skipped_by_reason": skipped_counts,
-                    "skipped_examples": [{"where": r.where, "reason": r.reason} for r in plan.skipped[:20]]},
-        "filters": {"where": s.where, "limit": s.limit, "persons_selected": plan.n_selected_persons},
-        "counts": {
-            "images": int(len(images)), "images_ok": int((images["status"] == "ok").sum()),
-            "images_failed": int(len(failed)),
-            "images_failed_by_reason": {k: int(v) for k, v in
-                                        failed["status"].str.split(":").str[0].value_counts().items()},
-            "persons": int(len(persons)), "persons_evaluated": int(len(evaluated)),
-            "persons_detected": int(evaluated["detected"].sum()),
-            "persons_without_row": int(evaluated["embedding_det_id"].isna().sum()),
-            "detections_kept": int(det["detected"].sum()), "detections_matched": int(det["matched"].sum()),
-            "detections_unmatched": int((det["detected"] & ~det["has_person"]).sum()),
-            "fallback_rows": int((~det["detected"]).sum()), "rows": int(len(det)),
-        },
-        "files": {name: (out / name).stat().st_size for name in
-                  (rundir.EMBEDDINGS, rundir.DETECTIONS, rundir.PERSONS, rundir.IMAGES, *files)},
-        "feature_spaces": feature_spaces(s.features),
-        "features": {"requested": list(s.features), "pooling": POOLING_RULE,
-                     "files": {name: {"shape": list(arr.shape), "dtype": str(arr.dtype)} for name, arr in arrays.items()}},
-        "versions": _versions(),
-        "timings": timings,
-    }
-    rundir.write_json(out / rundir.MANIFEST, manifest)
-    c = manifest["counts"]
+    manifest = rundir.Manifest(
+        kind="extracted",
+        settings_fingerprint=fp,
+        settings=fields,
+        embedding_dim=EMBEDDING_DIM,
+        threshold=s.threshold,
+        min_iou=s.min_iou,
+        model={"architecture": "DETR", "backbone": ckpt.backbone, "dilation": ckpt.dilation,
+               "num_queries": rundir.NUM_QUERIES, "num_classes": 91, "person_class": 1},
+        checkpoint={"spec": s.checkpoint, "name": ckpt.name, "source": ckpt.source, "sha256": ckpt.sha256,
+                    "untrained": ckpt.untrained, "seed": ckpt.seed},
+        preprocessing={"min_size": s.min_size, "max_size": s.max_size, "mean": IMAGENET_MEAN,
+                       "std": IMAGENET_STD, "resize": "PIL bilinear", "jpeg_draft": s.draft,
+                       "device": s.device, "precision": s.precision, "batch_size": s.batch_size,
+                       **({"feature_pooling": POOLING_RULE} if features else {})},
+        perturbation=s.perturb.to_manifest(draft=s.draft),
+        dataset={"root": str(dataset.root), "format": dataset.format, "annotations": str(dataset.annotations),
+                 "annotations_sha256": plan.annotations_sha256, "rows_read": dataset.rows_read,
+                 "persons_valid": len(dataset.persons), "images": len(dataset.images),
+                 "skipped_rows": len(plan.skipped), "skipped_by_reason": skipped_counts,
+                 "skipped_examples": [{"where": r.where, "reason": r.reason} for r in plan.skipped[:20]]},
+        filters={"where": s.where, "limit": s.limit, "persons_selected": plan.n_selected_persons},
+        timings=dict(timings, total_s=round(time.perf_counter() - t0, 3)),
+    )
+    written = rundir.write_run(s.out, manifest, images=images, persons=persons, detections=det, embeddings=emb,
+                               features=features)
+    c = written.counts
     log.info("done: %d images (%d failed), %d persons, %d detected, %d kept detections, %d rows -> %s",
              c["images"], c["images_failed"], c["persons"], c["persons_detected"], c["detections_kept"],
-             c["rows"], out)
-    return manifest
+             c["rows"], s.out)
+    return written.to_json()

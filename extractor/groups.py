@@ -20,49 +20,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-MST_TONES = tuple(range(1, 11))
-SKIN_COLUMNS = tuple(f"skin_tone_{k}" for k in MST_TONES)
-SKIN_NA_COLUMN = "skin_tone_na"
-MST_BANDS = {"lighter": (1, 2, 3), "medium": (4, 5, 6), "darker": (7, 8, 9, 10)}
-UNKNOWN = "unknown"
-
-LIGHTING_FLAGS = ("well_lit", "dimly_lit", "underexposed", "overexposed")
-LIGHTING_COLUMNS = tuple(f"lighting_{f}" for f in LIGHTING_FLAGS)
-LIGHTING_NA_COLUMN = "lighting_na"
-
-GENDER_VALUES = ("masc", "fem", "non_binary")
-GENDER_COLUMNS = tuple(f"gender_presentation_{v}" for v in GENDER_VALUES)
-AGE_VALUES = ("young", "middle", "older")
-AGE_COLUMNS = tuple(f"age_presentation_{v}" for v in AGE_VALUES)
-
-# Columns a dataset must carry: without them the group read-outs are meaningless.
-REQUIRED_ATTRIBUTE_COLUMNS = SKIN_COLUMNS + LIGHTING_COLUMNS + GENDER_COLUMNS + AGE_COLUMNS
-
-# Carried through when present, filled with 0 when absent.
-OPTIONAL_ATTRIBUTE_COLUMNS = (
-    SKIN_NA_COLUMN,
-    LIGHTING_NA_COLUMN,
-    "gender_presentation_na",
-    "age_presentation_na",
-    "hair_color_black", "hair_color_blonde", "hair_color_brown", "hair_color_colored",
-    "hair_color_red", "hair_color_grey", "hair_color_na",
-    "hairtype_coily", "hairtype_dreadlocks", "hairtype_bald", "hairtype_straight",
-    "hairtype_curly", "hairtype_wavy", "hairtype_na",
-    "has_facial_hair", "has_tattoo", "has_cap", "has_mask", "has_headscarf", "has_eyeware",
-    "visible_torso", "visible_face", "visible_minimal",
+from .rundir.facet import (  # noqa: F401  (re-exported: the vocabulary's home is the run format)
+    AGE_ANY_COLUMNS, AGE_COLUMNS, AGE_VALUES, ATTRIBUTE_COLUMNS, DERIVED_COLUMNS, FLAG_COLUMNS, GENDER_ANY_COLUMNS,
+    GENDER_COLUMNS, GENDER_VALUES, LIGHTING_COLUMNS, LIGHTING_FLAGS, LIGHTING_NA_COLUMN, MST_ANY_COLUMNS, MST_BANDS,
+    MST_TONES, OPTIONAL_ATTRIBUTE_COLUMNS, RAW_ATTRIBUTE_COLUMNS, REQUIRED_ATTRIBUTE_COLUMNS, SKIN_COLUMNS,
+    SKIN_NA_COLUMN, UNKNOWN,
 )
-RAW_ATTRIBUTE_COLUMNS = REQUIRED_ATTRIBUTE_COLUMNS + OPTIONAL_ATTRIBUTE_COLUMNS
-FLAG_COLUMNS = LIGHTING_COLUMNS + (LIGHTING_NA_COLUMN,)
-
-MST_ANY_COLUMNS = tuple(f"mst_any_{k}" for k in MST_TONES)
-GENDER_ANY_COLUMNS = tuple(f"gender_any_{v}" for v in GENDER_VALUES)
-AGE_ANY_COLUMNS = tuple(f"age_any_{v}" for v in AGE_VALUES)
-DERIVED_COLUMNS = (
-    MST_ANY_COLUMNS + ("mst_mode", "mst_band", "gender_mode", "age_mode")
-    + GENDER_ANY_COLUMNS + AGE_ANY_COLUMNS
-)
-# Everything a person row carries about the person, in output order.
-ATTRIBUTE_COLUMNS = ("class1", "class2") + RAW_ATTRIBUTE_COLUMNS + DERIVED_COLUMNS
 
 
 def mode_with_ties(counts: np.ndarray) -> np.ndarray:
@@ -104,8 +67,7 @@ def derive_groups(attrs: pd.DataFrame) -> pd.DataFrame:
         if col not in out.columns:
             out[col] = 0
         values = pd.to_numeric(out[col], errors="coerce").fillna(0)
-        out[col] = values.astype(bool) if col in FLAG_COLUMNS or col.startswith(("has_", "visible_")) \
-            else values.astype("int16")
+        out[col] = values.astype(bool) if col in FLAG_COLUMNS else values.astype("int16")
     for col in ("class1", "class2"):
         if col not in out.columns:
             out[col] = ""

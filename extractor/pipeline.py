@@ -8,9 +8,7 @@ uninterrupted run. The final files are written last, the manifest after them.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +30,7 @@ from .features import feature_files, row_features
 from .infer import forward
 from .matching import cxcywh_to_xyxy_pixels, match_image, person_probability
 from .plan import Plan, make_plan
+from .resume import KEY_FILE, image_states, reconcile, shard_keys, shard_name
 from .preprocess import collate, load_prepared
 from .settings import ExtractSettings, fingerprint
 
@@ -49,16 +48,18 @@ class RunResult:
 
 
 def run_extraction(settings: ExtractSettings,
-                   progress: Callable[[int, int], None] | None = None) -> RunResult:
+                   progress: Callable[[int, int], None] | None = None, *,
+                   model: tuple[torch.nn.Module, LoadedCheckpoint] | None = None) -> RunResult:
     """Extract embeddings for ``settings.data`` into ``settings.out`` (see module doc).
 
     progress: called with (images done, images to do) after every shard (the app's
-    progress bar); the terminal gets a tqdm bar either way.
+    progress bar); the terminal gets a tqdm bar either way. model: ``build_model``'s
+    result for these settings' checkpoint and seed, to load it once for several runs.
     """
     t0 = time.perf_counter()
     s = settings.resolved()
     dataset = read_dataset(s.data, s.annotations)
-    model, ckpt = build_model(s.checkpoint, seed=s.seed)
+    model, ckpt = model or build_model(s.checkpoint, seed=s.seed)
     plan = make_plan(dataset, s)
     fields = s.fingerprint_fields() | {
         "annotations_sha256": plan.annotations_sha256, "checkpoint_sha256": ckpt.sha256,
@@ -71,9 +72,12 @@ def run_extraction(settings: ExtractSettings,
         return RunResult(s.out, manifest, 0, 0)
 
     model = optimise_for_inference(model, s.device, s.precision)
-    shard_root = s.out / rundir.WORK_DIR / SHARDS
+    work_dir = s.out / rundir.WORK_DIR
+    shard_root = work_dir / SHARDS
     shard_root.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(len(plan.shards)) if not (shard_root / _shard_name(i)).is_dir()]
+    states = image_states(plan, s.data)
+    keys = shard_keys(plan, states, fp)
+    todo = reconcile(work_dir, shard_root, plan, states, keys)
     done_before = len(plan.shards) - len(todo)
     if done_before:
         log.info("resuming: %d of %d shards already done", done_before, len(plan.shards))
@@ -83,7 +87,7 @@ def run_extraction(settings: ExtractSettings,
     with tqdm(total=n_todo_images, unit="img", desc="extract", dynamic_ncols=True) as bar:
         kept_total = 0
         for shard_idx, results in _process(model, plan, s, todo):
-            _write_shard(shard_root / _shard_name(shard_idx), results)
+            _write_shard(shard_root / shard_name(shard_idx), results, keys[shard_idx])
             kept_total += int(sum(r["rows"]["detected"].sum() for r in results if r["rows"] is not None))
             bar.update(len(results))
             bar.set_postfix(kept=kept_total, refresh=False)
@@ -91,7 +95,7 @@ def run_extraction(settings: ExtractSettings,
                 progress(bar.n, n_todo_images)
     t_extract = time.perf_counter() - t_model
 
-    shards = [_read_shard(shard_root / _shard_name(i)) for i in range(len(plan.shards))]
+    shards = [_read_shard(shard_root / shard_name(i)) for i in range(len(plan.shards))]
     timings = {"total_s": None, "extract_s": round(t_extract, 3), "images_this_session": n_todo_images,
                "images_per_s": round(n_todo_images / t_extract, 3) if t_extract > 0 and n_todo_images else None}
     manifest = write_outputs(s, plan, dataset, ckpt, shards, fields, fp, timings, t0)
@@ -100,10 +104,6 @@ def run_extraction(settings: ExtractSettings,
         from index import build_index  # the next stage, only on request
         build_index(s.out)
     return RunResult(s.out, manifest, done_before, len(todo))
-
-
-def _shard_name(i: int) -> str:
-    return f"shard-{i:06d}"
 
 
 def _prepare_out_dir(s: ExtractSettings, fp: str, fields: dict) -> bool:
@@ -118,28 +118,42 @@ def _prepare_out_dir(s: ExtractSettings, fp: str, fields: dict) -> bool:
         if not known:
             raise ValueError(f"--out {out} is a non-empty directory that is not a run; choose a new one")
         previous = None
-        if (out / rundir.MANIFEST).is_file():
-            previous = _read_json(out / rundir.MANIFEST).get("settings_fingerprint")
-        elif work_settings.is_file():
-            previous = _read_json(work_settings).get("fingerprint")
+        recorded = _read_json(out / rundir.MANIFEST) if (out / rundir.MANIFEST).is_file() else {}
+        if not recorded and work_settings.is_file():
+            recorded = _read_json(work_settings)
+            recorded = {"settings_fingerprint": recorded.get("fingerprint"), "settings": recorded.get("fields")}
+        previous = recorded.get("settings_fingerprint")
         if s.overwrite:
             for name in known:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         elif previous == fp and (out / rundir.MANIFEST).is_file():
+            # A kill after the manifest but before the clean-up leaves shards behind.
+            shutil.rmtree(out / rundir.WORK_DIR, ignore_errors=True)
             return True
         elif previous != fp:
-            raise ValueError(f"{out} holds a run made with other settings; pass --overwrite to replace it "
-                             f"or choose another --out")
+            raise ValueError(f"{out} holds a run made with other settings ({_difference(recorded.get('settings'), fields)}); "
+                             "pass --overwrite to replace it or choose another --out")
     rundir.write_json(work_settings, {"fingerprint": fp, "fields": fields})
     return False
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return rundir.read_json(path)
+    except ValueError:
         return {}
+
+
+def _difference(before: dict | None, now: dict) -> str:
+    """The settings that differ, in words (the annotations' sha256 names a changed dataset)."""
+    if not isinstance(before, dict):
+        return "the recorded settings are unreadable"
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if "annotations_sha256" in changed:
+        return "the annotations changed since it was made"
+    return "changed: " + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4]) if changed \
+        else "an older version of the tool"
 
 
 def _process(model, plan: Plan, s: ExtractSettings, todo: list[int]) -> Iterator[tuple[int, list[dict]]]:
@@ -149,7 +163,8 @@ def _process(model, plan: Plan, s: ExtractSettings, todo: list[int]) -> Iterator
     def load(image_id: int):
         row = plan.images_by_id[image_id]
         try:
-            return load_prepared(root / row["path"], s.min_size, s.max_size, draft=s.draft)
+            return load_prepared(root / row["path"], s.min_size, s.max_size, draft=s.draft,
+                                 perturbation=s.perturb, key=str(row["filename"]))
         except Exception as exc:  # any decoding failure is recorded, never fatal
             return f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
 
@@ -227,27 +242,24 @@ def _image_rows(plan: Plan, s: ExtractSettings, image_id: int, prepared, scores,
             "embeddings": np.ascontiguousarray(emb[m.query_idx], dtype=np.float32)}
 
 
-def _write_shard(path: Path, results: list[dict]) -> None:
+def _write_shard(path: Path, results: list[dict], key: str) -> None:
     """One shard directory, complete or absent: written beside, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     status = pd.DataFrame({"image_id": [r["image_id"] for r in results],
                            "status": [r["status"] for r in results]})
     frames = [r["rows"] for r in results if r["rows"] is not None]
-    rows = pd.concat(frames, ignore_index=True) if frames else None
     embs = [r["embeddings"] for r in results if r["rows"] is not None]
-    status.to_parquet(tmp / "images.parquet", index=False)
-    if rows is not None:
-        rows.to_parquet(tmp / "rows.parquet", index=False)
-        np.save(tmp / "embeddings.npy", np.concatenate(embs))
-        kept = [r for r in results if r["rows"] is not None]
-        for name in kept[0].get("features", {}):
-            np.save(tmp / name, np.concatenate([r["features"][name] for r in kept]))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    tmp.rename(path)
+
+    def write(tmp: Path) -> None:
+        status.to_parquet(tmp / "images.parquet", index=False)
+        if frames:
+            pd.concat(frames, ignore_index=True).to_parquet(tmp / "rows.parquet", index=False)
+            np.save(tmp / "embeddings.npy", np.concatenate(embs))
+            kept = [r for r in results if r["rows"] is not None]
+            for name in kept[0].get("features", {}):
+                np.save(tmp / name, np.concatenate([r["features"][name] for r in kept]))
+        (tmp / KEY_FILE).write_text(key + "\n")
+
+    rundir.atomic_dir(path, write)
 
 
 def _read_shard(path: Path) -> dict:

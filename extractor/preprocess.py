@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .perturb import Perturbation
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Decompression-bomb guard for photos users upload (FACET images are ~3 MP).
@@ -110,12 +112,15 @@ def prepare_image(img: Image.Image, min_size: int, max_size: int | None,
     return Prepared(np.array(img, dtype=np.uint8), (int(size[0]), int(size[1])))
 
 
-def load_prepared(path: Path | str, min_size: int, max_size: int | None, *, draft: bool = True) -> Prepared:
-    """Decode + resize one dataset file.
+def load_prepared(path: Path | str, min_size: int, max_size: int | None, *, draft: bool = True,
+                  perturbation: Perturbation | None = None, key: str | None = None) -> Prepared:
+    """Decode + (perturb) + resize one dataset file.
 
     With ``draft`` a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that is
     still at least the target size: several times cheaper than a full decode followed
     by a large downscale, and only used when it does not upsample.
+    A ``perturbation`` is applied to the decoded 8-bit RGB image before the resize (to
+    the draft decode with ``draft``, blur sigma scaled to it); ``key`` seeds its noise.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -126,6 +131,9 @@ def load_prepared(path: Path | str, min_size: int, max_size: int | None, *, draf
                 img.draft("RGB", target_size(orig[0], orig[1], min_size, max_size))
             img.load()
             rgb = to_rgb(img)
+    if perturbation is not None and not perturbation.is_identity:
+        pixels = perturbation.apply(np.asarray(rgb), key=key, scale=rgb.width / orig[0])
+        rgb = Image.fromarray(pixels, "RGB")
     return prepare_image(rgb, min_size, max_size, orig_size=orig)
 
 

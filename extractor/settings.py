@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .infer import resolve_device, resolve_precision
+from .perturb import Perturbation
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ExtractSettings:
     min_iou: float = 0.5
     build_index: bool = False
     features: tuple[str, ...] = ("query",)  # extractor/features.py: query, decoder, encoder, backbone
+    perturb: Perturbation = Perturbation()   # applied before the resize (extractor/perturb.py)
 
     def resolved(self) -> "ExtractSettings":
         """Auto values made concrete for this machine; validates ranges."""
@@ -45,6 +47,12 @@ class ExtractSettings:
             raise ValueError("--batch-size, --workers must be >= 0 and the shard size >= 1")
         from .features import parse_features
         features = parse_features(self.features)
+        if not isinstance(self.perturb, Perturbation):
+            raise ValueError(f"perturb must be a Perturbation (extractor.perturb.parse_perturbation), "
+                             f"got {type(self.perturb).__name__}")
+        if self.draft and self.perturb.per_pixel_grain:
+            raise ValueError(f"--perturb {self.perturb} adds per-pixel grain (noise, jpeg), which a reduced-scale "
+                             f"decode would shrink: drop --draft")
         device = resolve_device(self.device)
         precision = resolve_precision(self.precision, device)
         # One image per forward on the CPU: batching does not pay there, and an unpadded
@@ -59,12 +67,16 @@ class ExtractSettings:
     def fingerprint_fields(self) -> dict:
         """What decides the content of a run: a run dir is only resumed with the same."""
         d = asdict(self)
-        for k in ("out", "overwrite", "workers", "build_index"):
+        for k in ("out", "overwrite", "workers", "build_index", "perturb"):
             d.pop(k)
         if tuple(d["features"]) == ("query",):
             d.pop("features")  # runs made before --features existed keep their fingerprint
         else:
             d["features"] = list(d["features"])
+        # Only a perturbation that changes pixels enters (so runs from before it keep their fingerprint,
+        # and darken:1.0 is the plain run).
+        if not self.perturb.is_identity:
+            d["perturb"] = self.perturb.effective.canonical
         d["device"] = "cuda" if str(d["device"]).startswith("cuda") else d["device"]
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 

@@ -14,7 +14,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from extractor.rundir import atomic_write, read_manifest
 from index.build import KINDS, BuildSettings, build_index
 from index.export import to_csv_bytes
-from index.groups import GROUPINGS, METRICS, POPULATIONS, GroupSettings, compare
+from index.groupings import GROUPINGS, POPULATION_HELP, POPULATIONS, REGISTRY
+from index.groups import METRICS, GroupSettings, compare
 from index.probe import ProbeSettings, probe, spaces_arg
 from index.spaces import SPACES
 from index.store import load_run
@@ -54,8 +55,12 @@ def _parser() -> argparse.ArgumentParser:
                        description="Compare groups of a run and write the tidy table as CSV "
                                    "(the same bytes as the app's download).")
     c.add_argument("run", type=Path, help="run directory with a built index")
-    c.add_argument("--by", required=True, choices=GROUPINGS, metavar="GROUPING",
-                   help=f"grouping: {', '.join(GROUPINGS)}")
+    c.add_argument("--by", required=True, choices=GROUPINGS, metavar="GROUPING", action="append",
+                   help="grouping; repeat it for an intersection (--by mst_mode --by lighting: cells such as "
+                        "'7 & dimly_lit'): " + "; ".join(f"{g.name} ({g.kind})" for g in REGISTRY.values()))
+    c.add_argument("--where", default=None, metavar="EXPR",
+                   help="restrict the rows (persons for recall) with a pandas condition, the same rules as the "
+                        "extractor's --where, e.g. \"class1 == 'doctor'\" (missing values count as false)")
     c.add_argument("--metric", required=True, choices=METRICS,
                    help="similarity = centroid and mean pairwise cosine; neighbours = share of each group among "
                         "the k nearest neighbours vs its base rate; recall = detection recall per group and the gap; "
@@ -65,15 +70,22 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"feature space: {', '.join(SPACES)}; all = every space the run has (probe only). "
                         "Default: query; for probe, all")
     c.add_argument("--population", choices=POPULATIONS, default=None,
-                   help="rows compared: detections = matched detections, persons = one row per annotated person, "
-                        "all = every row (default: detections; recall always counts annotated persons)")
+                   help=f"rows compared: {POPULATION_HELP} (default: detections; recall always counts annotated "
+                        "persons of readable images)")
     c.add_argument("--k", type=int, default=GroupSettings.k, help="neighbours per query (default: %(default)s)")
     c.add_argument("--n-boot", type=int, default=GroupSettings.n_boot,
-                   help="bootstrap rounds for the 95%% intervals (default: %(default)s)")
+                   help="image-cluster bootstrap rounds for the 95%% BCa intervals (default: %(default)s)")
     c.add_argument("--seed", type=int, default=GroupSettings.seed,
                    help="seed of the bootstrap and query sample (default: %(default)s)")
     c.add_argument("--min-group-size", type=int, default=GroupSettings.min_group_size,
-                   help="groups smaller than this are flagged small_group (default: %(default)s)")
+                   help="groups smaller than this are flagged small_group and left out of the gap's choice and "
+                        "the Holm family (default: %(default)s)")
+    c.add_argument("--include-unknown", action="store_true",
+                   help="recall: let unknown groups into the gap's choice and the Holm family")
+    c.add_argument("--include-small", action="store_true",
+                   help="recall: let groups under --min-group-size (but >= 2) into the gap's choice and the Holm family")
+    c.add_argument("--same-image-neighbours", action="store_true",
+                   help="neighbours: keep neighbours from the query's own photo (left out by default)")
     c.add_argument("--max-queries-per-group", type=int, default=GroupSettings.max_queries_per_group,
                    help="neighbours: seeded sample of queries per group (default: %(default)s)")
     c.add_argument("--out", type=Path, required=True, help="CSV file to write")
@@ -101,15 +113,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.metric == "probe":
                 spaces = spaces_arg(args.space, read_manifest(args.run), default="all")
                 ps = ProbeSettings(n_boot=args.n_boot, seed=args.seed, min_group_size=args.min_group_size)
-                df = probe(args.run, args.by, spaces, args.population or "persons", ps)
+                by = args.by[0] if isinstance(args.by, list) and len(args.by) == 1 else args.by
+                if not isinstance(by, str):
+                    raise ValueError("--metric probe takes one grouping (no intersections yet)")
+                df = probe(args.run, by, spaces, args.population or "persons", ps)
             else:
                 if args.space == "all":
                     raise ValueError("--space all is for --metric probe; name one space for the other read-outs")
                 settings = GroupSettings(k=args.k, n_boot=args.n_boot, seed=args.seed,
                                          min_group_size=args.min_group_size,
-                                         max_queries_per_group=args.max_queries_per_group)
+                                         max_queries_per_group=args.max_queries_per_group,
+                                         same_image_neighbours=args.same_image_neighbours,
+                                         include_unknown=args.include_unknown, include_small=args.include_small)
                 df = compare(load_run(args.run, args.space or "query"), args.by, args.metric, args.population,
-                             settings)
+                             settings, where=args.where)
             data = to_csv_bytes(df)
             atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
             log.info("wrote %s", args.out)

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from extractor.rundir import DETECTIONS, EMBEDDINGS, atomic_write, read_manifest, write_json
+from extractor.rundir import EMBEDDINGS, INDEX_DIR, atomic_write, open_run, write_json
 from index.spaces import DEFAULT_SPACE, open_space, space_file, space_index_dir
 from index.vectors import CHUNK_ROWS, bad_rows, blocked_knn, file_checksum, normalise
 
@@ -86,45 +85,15 @@ def rebuild_hint(run_dir: Path, space: str = DEFAULT_SPACE) -> str:
     return f"rebuild it with `python -m index build {run_dir}{suffix}`"
 
 
-def open_embeddings(run_dir: Path, manifest: dict) -> np.ndarray:
-    """embeddings.npy as a read-only memmap, checked against the run manifest."""
-    path = Path(run_dir) / EMBEDDINGS
-    if not path.is_file():
-        raise ValueError(f"{run_dir} has no {EMBEDDINGS}: extract the run again")
-    try:
-        xb = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable .npy file ({exc}): extract the run again") from None
-    dim = manifest.get("embedding_dim")
-    if xb.ndim != 2 or xb.dtype != np.float32 or (dim is not None and xb.shape[1] != dim):
-        raise ValueError(
-            f"{path} holds {xb.dtype} {xb.shape}, expected float32 [N, {dim}]: extract the run again"
-        )
-    return xb
-
-
-def detections_rows(run_dir: Path) -> int:
-    path = Path(run_dir) / DETECTIONS
-    if not path.is_file():
-        raise ValueError(f"{run_dir} has no {DETECTIONS}: extract the run again")
-    return pq.ParquetFile(path).metadata.num_rows
-
-
 def build_index(run_dir: Path, settings: BuildSettings = BuildSettings(), space: str = DEFAULT_SPACE) -> dict:
     """Build and write the index of one feature space of ``run_dir`` (index/spaces.py);
     returns the index manifest."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    if manifest.get("status", "complete") != "complete":
-        raise ValueError(f"{run_dir} is not a complete run (status {manifest.get('status')!r}): finish the extraction first")
-    xb = open_space(run_dir, manifest, space)
+    xb = open_space(run_dir, space)  # checks every table and the row alignment
     source = space_file(space)
     n, dim = xb.shape
     if n == 0:
         raise ValueError(f"{run_dir} has no embeddings: nothing to index")
-    n_meta = detections_rows(run_dir)
-    if n_meta != n:
-        raise ValueError(f"{run_dir}: {DETECTIONS} has {n_meta} rows but {source} has {n}: extract the run again")
 
     started = time.perf_counter()
     checksum = file_checksum(run_dir / source)

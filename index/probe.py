@@ -38,9 +38,8 @@ import pandas as pd
 
 from extractor.groups import UNKNOWN
 from extractor.rundir import DETECTIONS, IMAGES, read_manifest
-from index.groups import membership, population_rows
+from index.groupings import membership, population_rows
 from index.spaces import DEFAULT_SPACE, open_space, run_spaces
-from index.stats import percentile_interval, resample_counts
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +240,21 @@ def _weighted_auc_ties(s: np.ndarray, pos: np.ndarray, idx: np.ndarray, C: np.nd
     return out
 
 
+def resample_counts(rng: np.random.Generator, n: int, rounds: int) -> np.ndarray:
+    """float32 [rounds, n]: how often each of n images is drawn in a resample of size n.
+    (To move onto index.bootstrap's image weights at integration.)"""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=rounds).astype(np.float32) if n else \
+        np.zeros((rounds, 0), np.float32)
+
+
+def percentile_interval(boot: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    tail = 100 * (1 - level) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanpercentile(boot, [tail, 100 - tail], axis=0)
+    return lo, hi
+
+
 def _interval(value: float | np.ndarray, boot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = percentile_interval(boot)
     return np.fmin(lo, value), np.fmax(hi, value)
@@ -312,7 +326,7 @@ def _probe(run_dir: Path | str, by: str, spaces: list[str] | tuple[str, ...] | N
         sources = [(NUISANCE, lambda: nuisance[keep])]
         for space in spaces:
             def load(space=space):
-                X = arrays[space] if arrays is not None else open_space(run_dir, manifest, space)
+                X = arrays[space] if arrays is not None else open_space(run_dir, space)
                 return np.asarray(X[rows[keep]])  # a memmap's rows are read here, space by space
             sources.append((space, load))
 

@@ -1,9 +1,9 @@
 """Feature spaces of a run: which rows-by-dims array each one is, and where its index lives.
 
-A space is one [N, d] view of a run file (``extractor.rundir.FEATURE_SPACES``): ``query``
-is ``embeddings.npy``, ``decoder_k`` is layer k of ``decoder_layers.npy``, ``encoder_roi``
-and ``backbone_roi`` their own files. Row i is det_id i in every space. The ``query``
-index stays where it always was (``RUN/index/``), every other space has its own
+A space is one [N, d] view of a run file (``extractor.rundir.FEATURE_SPACES`` names the
+files): ``query`` is ``embeddings.npy``, ``decoder_k`` is layer k of ``decoder_layers.npy``,
+``encoder_roi`` and ``backbone_roi`` their own files. Row i is det_id i in every space. The
+``query`` index stays where it always was (``RUN/index/``), every other space has its own
 directory ``RUN/index/<space>/`` with its own manifest.
 """
 from __future__ import annotations
@@ -12,25 +12,35 @@ from pathlib import Path
 
 import numpy as np
 
-from extractor.rundir import EMBEDDINGS, FEATURE_SPACES, INDEX_DIR
+from extractor.rundir import BACKBONE_ROI, DECODER_LAYERS, EMBEDDINGS, ENCODER_ROI, INDEX_DIR, open_run
 
-SPACES = tuple(FEATURE_SPACES)
+N_DECODER_LAYERS = 6
+# index space -> (run file, layer of a [N, layers, d] file or None, the run-format feature name)
+INDEX_SPACES: dict[str, tuple[str, int | None, str]] = {
+    "query": (EMBEDDINGS, None, "query"),
+    **{f"decoder_{i}": (DECODER_LAYERS, i - 1, "decoder") for i in range(1, N_DECODER_LAYERS + 1)},
+    "encoder_roi": (ENCODER_ROI, None, "encoder"),
+    "backbone_roi": (BACKBONE_ROI, None, "backbone"),
+}
+SPACES = tuple(INDEX_SPACES)
 DEFAULT_SPACE = "query"
 
 
 def check_space(space: str) -> str:
-    if space not in FEATURE_SPACES:
+    if space not in INDEX_SPACES:
         raise ValueError(f"unknown feature space {space!r}: choose one of {', '.join(SPACES)}")
     return space
 
 
 def run_spaces(manifest: dict) -> list[str]:
-    """The spaces a run has (runs made before feature spaces existed have ``query`` only)."""
-    return [s for s in manifest.get("feature_spaces", [DEFAULT_SPACE]) if s in FEATURE_SPACES]
+    """The index spaces a run has, from its manifest's ``feature_spaces`` (run-format names
+    query / decoder / encoder / backbone; runs from before them have ``query`` only)."""
+    have = set(manifest.get("feature_spaces") or ["query"])
+    return [s for s, (_, _, feature) in INDEX_SPACES.items() if feature in have or s in have]
 
 
 def space_file(space: str) -> str:
-    return FEATURE_SPACES[check_space(space)][0]
+    return INDEX_SPACES[check_space(space)][0]
 
 
 def space_index_dir(run_dir: Path, space: str = DEFAULT_SPACE) -> Path:
@@ -39,23 +49,16 @@ def space_index_dir(run_dir: Path, space: str = DEFAULT_SPACE) -> Path:
     return root if space == DEFAULT_SPACE else root / space
 
 
-def open_space(run_dir: Path, manifest: dict, space: str = DEFAULT_SPACE) -> np.ndarray:
-    """The space's rows as a read-only [N, d] memory-mapped view (float32, float16 for backbone_roi)."""
-    file, layer = FEATURE_SPACES[check_space(space)]
-    if file == EMBEDDINGS:
-        from index.build import open_embeddings  # the historical checks of the query space
-        return open_embeddings(run_dir, manifest)
-    path = Path(run_dir) / file
-    if space not in run_spaces(manifest) or not path.is_file():
-        have = ", ".join(run_spaces(manifest))
+def open_space(run_dir: Path, space: str = DEFAULT_SPACE) -> np.ndarray:
+    """The space's rows as a read-only [N, d] memory-mapped view (float32, float16 for
+    backbone_roi), checked by the run-format reader."""
+    _, layer, feature = INDEX_SPACES[check_space(space)]
+    files = open_run(Path(run_dir))
+    if feature == "query":
+        return files.embeddings()
+    if space not in run_spaces(files.manifest.to_json()):
+        have = ", ".join(run_spaces(files.manifest.to_json()))
         raise ValueError(f"{run_dir} has no {space} features (it has: {have}); extract it with "
                          f"`python -m extractor run ... --features query,decoder,encoder,backbone`")
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable .npy file ({exc}): extract the run again") from None
-    want_ndim = 2 if layer is None else 3
-    if arr.ndim != want_ndim or arr.dtype not in (np.float32, np.float16):
-        raise ValueError(f"{path} holds {arr.dtype} {arr.shape}, expected a float [N, ...] array of "
-                         f"{want_ndim} dimensions: extract the run again")
+    arr = files.feature(feature, True)
     return arr if layer is None else arr[:, layer]

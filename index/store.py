@@ -20,10 +20,9 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from extractor.rundir import DETECTIONS, EMBEDDINGS, IMAGES, PERSONS, read_manifest
+from extractor.rundir import EMBEDDINGS, INDEX_DIR, open_run
 from index.build import (
-    INDEX_FILE, INDEX_FORMAT, INDEX_MANIFEST, BuildSettings, rebuild_hint,
-    search_parameters,
+    INDEX_FILE, INDEX_FORMAT, INDEX_MANIFEST, BuildSettings, rebuild_hint, search_parameters,
 )
 from index.spaces import DEFAULT_SPACE, open_space, space_file, space_index_dir
 from index.vectors import bad_rows, blocked_knn, faiss_threads, file_checksum, normalise
@@ -243,7 +242,8 @@ def load_run(run_dir: Path | str, space: str = DEFAULT_SPACE) -> Run:
     """Open a run and the index of one feature space, checking that index, vectors and
     metadata agree."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
+    files = open_run(run_dir)  # version, schemas and row alignment checked here
+    manifest = files.manifest.to_json()
     hint = rebuild_hint(run_dir, space)
     index_dir = space_index_dir(run_dir, space)
     manifest_path = index_dir / INDEX_MANIFEST
@@ -260,7 +260,7 @@ def load_run(run_dir: Path | str, space: str = DEFAULT_SPACE) -> Run:
     if index_manifest.get("format") != INDEX_FORMAT:
         raise ValueError(f"{manifest_path} has index format {index_manifest.get('format')!r}, this tool reads {INDEX_FORMAT}: {hint}")
 
-    xb = open_space(run_dir, manifest, space)
+    xb = open_space(run_dir, space)
     source = space_file(space)
     n, dim = xb.shape
     if (n, dim) != (n_built, dim_built):
@@ -278,14 +278,9 @@ def load_run(run_dir: Path | str, space: str = DEFAULT_SPACE) -> Run:
     if index_manifest.get("faiss_version") != faiss.__version__:
         log.info("index built with faiss %s, running %s", index_manifest.get("faiss_version"), faiss.__version__)
 
-    meta = pd.read_parquet(run_dir / DETECTIONS)
-    if len(meta) != n or not np.array_equal(meta["det_id"].to_numpy(), np.arange(n)):
-        raise ValueError(
-            f"{DETECTIONS} ({len(meta)} rows) does not line up with {EMBEDDINGS} ({n} rows, row i = det_id i): "
-            "extract the run again"
-        )
-    persons = pd.read_parquet(run_dir / PERSONS)
-    images = pd.read_parquet(run_dir / IMAGES)
+    meta = files.detections()  # det_id = row, as many rows as embeddings.npy
+    persons = files.persons()
+    images = files.images()
     codes, _ = pd.factorize(meta["image_id"])
     log.info("loaded %s: %d rows, %s index, settings %s", run_dir, n, kind, dataclasses.asdict(settings))
     return Run(

@@ -20,9 +20,7 @@ from extractor.groups import (
     AGE_COLUMNS, ATTRIBUTE_COLUMNS, GENDER_COLUMNS, LIGHTING_COLUMNS, LIGHTING_NA_COLUMN,
     SKIN_COLUMNS, SKIN_NA_COLUMN, derive_groups,
 )
-from extractor.rundir import (
-    DETECTIONS, EMBEDDINGS, IMAGES, MANIFEST, PERSONS, SCHEMA_VERSION, atomic_write, write_json,
-)
+from extractor.rundir import NUM_QUERIES, Manifest, write_run
 
 log = logging.getLogger(__name__)
 
@@ -230,22 +228,13 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
         "n_rows": np.bincount(row_image, minlength=len(all_images)).astype(np.int32),
     })
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name, frame in ((IMAGES, images), (PERSONS, persons), (DETECTIONS, detections)):
-        atomic_write(run_dir / name, lambda tmp, frame=frame: frame.to_parquet(tmp, index=False))
-
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, xb)
-    atomic_write(run_dir / EMBEDDINGS, save)
-    write_json(run_dir / MANIFEST, {
-        "schema_version": SCHEMA_VERSION, "status": "complete", "embedding_dim": dim, "threshold": THRESHOLD,
-        "checkpoint": {"name": "synthetic", "untrained": True, "sha256": None},
-        "model": {"name": "synthetic", "num_queries": 100},
-        "dataset": {"format": "synthetic", "root": None},
-        "counts": {"images": int(len(images)), "images_failed": int(n_failed), "persons": int(n_persons),
-                   "rows": int(n_rows), "matched": int(matched.sum()), "detections": int(row_detected.sum())},
-        "settings": {"n_rows": n_rows, "seed": seed, "dim": dim, "n_clusters": n_clusters, "group_shift": group_shift},
-    })
+    manifest = Manifest(
+        kind="synthetic", embedding_dim=dim, threshold=THRESHOLD,
+        checkpoint={"name": "synthetic", "untrained": True, "sha256": None},
+        model={"name": "synthetic", "num_queries": NUM_QUERIES},
+        dataset={"format": "synthetic", "root": None},
+        settings={"n_rows": n_rows, "seed": seed, "dim": dim, "n_clusters": n_clusters, "group_shift": group_shift},
+    )
+    write_run(run_dir, manifest, images=images, persons=persons, detections=detections, embeddings=xb)
     log.info("wrote a synthetic run of %d rows to %s", n_rows, run_dir)
     return run_dir

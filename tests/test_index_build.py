@@ -109,16 +109,18 @@ def test_unreadable_index_file_with_matching_manifest_needs_a_rebuild(run_copy):
     _expect_rebuild(run_copy, "cannot be read")
 
 
-def test_row_count_mismatch_needs_a_rebuild(run_copy):
+def test_embeddings_out_of_line_with_the_run_are_reported(run_copy):
+    # The run's own files disagree: rebuilding the index cannot fix that, re-extracting can.
     xb = np.load(run_copy / "embeddings.npy")
     np.save(run_copy / "embeddings.npy", xb[:-1])
-    _expect_rebuild(run_copy, "built for 800 x 256 embeddings but embeddings.npy holds 799 x 256")
+    _expect_rebuild(run_copy, r"embeddings.npy holds float32 \[799, 256\], the run needs float32 \[800, 256\]: "
+                              "extract the run again")
 
 
 def test_metadata_out_of_line_with_embeddings_is_reported(run_copy):
     meta = pd.read_parquet(run_copy / "detections.parquet")
     meta.iloc[:-1].to_parquet(run_copy / "detections.parquet", index=False)
-    _expect_rebuild(run_copy, "does not line up")
+    _expect_rebuild(run_copy, "detections.parquet holds 799 rows, the manifest 800: extract the run again")
 
 
 def test_index_manifest_from_another_version_needs_a_rebuild(run_copy):

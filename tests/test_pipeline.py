@@ -1,10 +1,8 @@
 """End to end: demo dataset -> run directory, resume after SIGKILL, settings checks, one photo."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from extractor import rundir
 from extractor.demo import write_demo
 from extractor.pipeline import run_extraction
 from extractor.settings import ExtractSettings
+from kill import kill_after_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--checkpoint", "none", "--min-size", "128", "--max-size", "192"]
@@ -107,18 +106,7 @@ def test_sigkill_and_resume_equals_clean_run(demo, tmp_path):
     _cli(*args, "--out", str(clean))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "extractor", *args, "--out", str(killed)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shards = killed / rundir.WORK_DIR / "shards"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if shards.is_dir() and len([p for p in shards.iterdir() if p.name.startswith("shard-")]) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "extraction finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / rundir.MANIFEST).exists()
+    kill_after_shards(args, killed)
 
     resumed = _cli(*args, "--out", str(killed))
     assert "resuming" in resumed.stderr

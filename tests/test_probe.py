@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 from extractor.rundir import DETECTIONS, IMAGES
 from index import to_csv_bytes, write_synthetic_run
 from index.export import read_csv_bytes
-from index.groups import membership, population_rows
+from index.groupings import membership, population_rows
 from index.probe import NUISANCE, ProbeSettings, _folds, _weighted_auc, probe
 
 SETTINGS = ProbeSettings(n_boot=300, seed=1)

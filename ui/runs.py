@@ -11,12 +11,15 @@ from typing import Callable, Iterator
 
 import pandas as pd
 
-from extractor.rundir import INDEX_DIR, MANIFEST, WORK_DIR
+from extractor import rundir
+from extractor.rundir import INDEX_DIR, MANIFEST, SWEEP_FILE, WORK_DIR
+from index import build as index_build
 
 log = logging.getLogger(__name__)
 
 RUNS_ENV = "RUNS_DIR"
-INDEX_MANIFEST = Path(INDEX_DIR) / "manifest.json"
+INDEX_MANIFEST = Path(INDEX_DIR) / index_build.INDEX_MANIFEST
+INDEX_LOCK = ".index.lock"    # in the run directory, held while the app builds its index
 DEMO_NAME = "demo"
 
 # The README's commands, shown when there is no run yet.
@@ -63,26 +66,39 @@ def _read_json(path: Path) -> tuple[dict, str | None]:
     return (doc, None) if isinstance(doc, dict) else ({}, f"{path.name} is not a JSON object")
 
 
-def list_runs(root: Path) -> list[RunEntry]:
-    """Run directories directly under ``root`` (a dir with manifest.json), by name."""
+def _candidate_dirs(root: Path) -> list[tuple[str, Path]]:
+    """(name, dir) of every directory directly under ``root``, and of those inside a sweep
+    folder (``python -m extractor sweep``), named ``sweep/run``; by name."""
     if not root.is_dir():
         return []
     out = []
-    for path in sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()):
-        manifest, error = _read_json(path / MANIFEST)
+    for p in sorted(q for q in root.iterdir() if q.is_dir()):
+        out.append((p.name, p))
+        if (p / SWEEP_FILE).is_file():
+            out.extend((f"{p.name}/{q.name}", q) for q in sorted(q for q in p.iterdir() if q.is_dir()))
+    return out
+
+
+def list_runs(root: Path) -> list[RunEntry]:
+    """Run directories under ``root`` (a dir with manifest.json; sweeps' runs too), by name."""
+    out = []
+    for name, path in _candidate_dirs(root):
+        if not (path / MANIFEST).is_file():
+            continue
+        try:
+            manifest, error = rundir.load_manifest(path).to_json(), None
+        except ValueError as exc:  # unreadable, or another schema version: say what to do
+            manifest, error = _read_json(path / MANIFEST)[0], str(exc)
         if error is None and manifest.get("status", "complete") != "complete":
             error = f"the run is not complete (status {manifest.get('status')!r})"
         index_doc, index_error = _read_json(path / INDEX_MANIFEST) if (path / INDEX_MANIFEST).is_file() else ({}, "")
-        out.append(RunEntry(path.name, path, manifest, error, index_error is None, index_doc.get("kind")))
+        out.append(RunEntry(name, path, manifest, error, index_error is None, index_doc.get("kind")))
     return out
 
 
 def unfinished_runs(root: Path) -> list[str]:
     """Names of directories holding an interrupted extraction (no manifest yet)."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / WORK_DIR).is_dir()
-                  and not (p / MANIFEST).is_file())
+    return [name for name, p in _candidate_dirs(root) if (p / WORK_DIR).is_dir() and not (p / MANIFEST).is_file()]
 
 
 def find_run(entries: list[RunEntry], name: str | None) -> RunEntry | None:
@@ -116,6 +132,7 @@ def runs_table(entries: list[RunEntry]) -> pd.DataFrame:
         rows.append({
             "run": e.name,
             "checkpoint": checkpoint_label(e.manifest) if not e.error else "",
+            "perturbation": (e.manifest.get("perturbation") or {}).get("spec") or "none",
             "images": c.get("images"),
             "persons": c.get("persons"),
             "detected": c.get("persons_detected"),
@@ -124,7 +141,7 @@ def runs_table(entries: list[RunEntry]) -> pd.DataFrame:
             "created": e.manifest.get("created", ""),
             "problem": e.error or "",
         })
-    cols = ["run", "checkpoint", "images", "persons", "detected", "rows", "index", "created", "problem"]
+    cols = ["run", "checkpoint", "perturbation", "images", "persons", "detected", "rows", "index", "created", "problem"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -167,6 +184,10 @@ def describe_manifest(manifest: dict) -> list[tuple[str, str]]:
     if pre:
         out.append(("Preprocessing", f"shorter side {pre.get('min_size')}, longer side at most {pre.get('max_size')}, "
                     f"{pre.get('precision', '?')} on {pre.get('device', '?')}, batch {pre.get('batch_size', '?')}"))
+    pert = manifest.get("perturbation") or {}
+    if pert:  # runs from before perturbations have no entry: they were not perturbed
+        spec = pert.get("spec") or "none"
+        out.append(("Perturbation", (pert.get("words") or spec) + ("" if spec == "none" else f" — `{spec}`")))
     where = ds.get("root") or "not recorded"
     out.append(("Dataset", f"{ds.get('format', 'unknown')} at {where}"
                 + ("" if ds.get("root") is None or Path(str(ds.get("root"))).is_dir() else " (not on this machine)")))
@@ -192,6 +213,18 @@ def describe_manifest(manifest: dict) -> list[tuple[str, str]]:
         parts.append(f"{c['detections_unmatched']} kept detections matching nobody")
     out.append(("Rows", ", ".join(parts)))
     return out
+
+
+def perturbation_note(manifest: dict) -> str | None:
+    """What the photo query page says about a perturbed run (None for a plain run)."""
+    pert = manifest.get("perturbation") or {}
+    # settings.perturb is recorded only when the perturbation changes pixels (not for darken:1.0).
+    effective = (manifest.get("settings") or {}).get("perturb")
+    if not effective:
+        return None
+    return (f"This run's dataset images were perturbed ({pert.get('words') or effective}). The query photo is "
+            "not: it is your photo, and it goes through the run's DETR as it is (an image of this run too, as "
+            "stored), so its embedding is not the run's row for that image.")
 
 
 def skipped_examples(manifest: dict) -> pd.DataFrame:
@@ -242,6 +275,18 @@ def exclusive(lock_path: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def build_run_index(run_dir: Path) -> dict:
+    """``index.build_index`` under the run's lock: two clicks, sessions or app processes
+    cannot write the index and its manifest at once; -> the index manifest."""
+    from index import build_index
+
+    with exclusive(Path(run_dir) / INDEX_LOCK) as mine:
+        if not mine:
+            raise RuntimeError(f"another session is building the index of {Path(run_dir).name} right now; "
+                               "open the Runs page again in a minute")
+        return build_index(Path(run_dir))
 
 
 def build_demo(root: Path, settings: DemoSettings = DemoSettings(),

@@ -7,9 +7,7 @@ import streamlit as st
 import index
 from ui import app, figures, runs
 
-GROUP_HELP = ("Membership rule: *_any* counts a person in every group at least one annotator chose (groups "
-              "overlap, as in FACET); *_mode* uses the most-chosen value (exclusive); *mst_band* groups the mode "
-              "into lighter 1-3, medium 4-6, darker 7-10.")
+GROUP_HELP = "Membership rules: " + "; ".join(f"*{g.name}* ({g.kind}): {g.rule}" for g in index.REGISTRY.values())
 
 
 def render() -> None:

@@ -39,6 +39,9 @@ def render() -> None:
         st.info("This run records no checkpoint (a synthetic run): photos go through seeded untrained DETR weights "
                 "at 800-1333 px, whose embeddings live in another space than the run's. The page works; the "
                 "neighbours mean nothing.")
+    note = runs.perturbation_note(run.manifest)
+    if note:
+        st.info(note)
     source = st.radio("Query photo", ("Upload a photo", "An image of this run"), horizontal=True, key="sim_source",
                       persist_state="session")
     photo = _uploaded() if source == "Upload a photo" else _run_image(run)
