@@ -62,3 +62,17 @@ def open_space(run_dir: Path, space: str = DEFAULT_SPACE) -> np.ndarray:
                          f"`python -m extractor run ... --features query,decoder,encoder,backbone`")
     arr = files.feature(feature, True)
     return arr if layer is None else arr[:, layer]
+
+
+def space_status(run_dir: Path, manifest: dict) -> dict[str, str]:
+    """Every index space -> '' when it can be searched, else why not (for the app's selector)."""
+    have = set(run_spaces(manifest))
+    out = {}
+    for space in SPACES:
+        if space not in have:
+            out[space] = "not extracted (python -m extractor run ... --features query,decoder,encoder,backbone)"
+        elif not (space_index_dir(run_dir, space) / "manifest.json").is_file():
+            out[space] = f"no index yet (python -m index build RUN --space {space})"
+        else:
+            out[space] = ""
+    return out

@@ -177,3 +177,15 @@ def test_a_space_the_run_lacks_is_a_clear_error(tmp_path):
         build_index(run, space="decoder_2")
     with pytest.raises(ValueError, match="unknown feature space"):
         build_index(run, space="decoder_7")
+
+
+def test_space_status_says_what_is_missing(feature_run):
+    from index.spaces import space_status
+
+    _, out = feature_run
+    m = json.loads((out / rundir.MANIFEST).read_text())
+    status = space_status(out, m)
+    # every space was extracted; those with an index (built by the CLI test or not) say so
+    assert set(status) == set(SPACES)
+    assert all(v == "" or v.startswith("no index yet") for v in status.values())
+    assert space_status(out, {"feature_spaces": ["query"]})["decoder_2"].startswith("not extracted")

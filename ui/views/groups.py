@@ -8,15 +8,18 @@ import streamlit as st
 
 import index
 from index.groupings import REGISTRY, population_rows
+from index.spaces import space_status
 from ui import app, figures, gallery
 
 NONE = "(none)"
 
 
 def cli_command(metric: str, by: tuple[str, ...], population: str | None, where: str | None,
-                settings: index.GroupSettings) -> str:
+                settings: index.GroupSettings, space: str = "query") -> str:
     """The ``python -m index compare`` line that writes the same bytes as the download."""
     parts = ["python", "-m", "index", "compare", "RUN", *[a for b in by for a in ("--by", b)], "--metric", metric]
+    if space != "query" and metric != "recall":
+        parts += ["--space", space]
     if metric != "recall":
         parts += ["--population", population or "detections"]
     if where:
@@ -59,7 +62,8 @@ def render() -> None:
                + f" Populations: {gallery.POPULATION_HELP}. Intervals: 95% BCa, photos resampled with their persons.")
     settings = index.GroupSettings(k=int(k), n_boot=int(n_boot), seed=int(seed), min_group_size=int(min_size))
     key = app.run_key(run)
-    params = dict(by=by, population=population, where=where, settings=settings)
+    space = _space_choice(run)
+    params = dict(by=by, population=population, where=where, settings=settings, space=space)
 
     try:
         n_rows = len(population_rows(run.meta, population, where))
@@ -127,10 +131,25 @@ def _disparities(rec: pd.DataFrame) -> None:
                                               "p", "p (Holm)")})
 
 
+def _space_choice(run: index.Run) -> str:
+    """The feature space of the similarity and neighbour read-outs; a space the run lacks (or has
+    no index for) is listed as unavailable, with a note saying how to get it."""
+    status = space_status(run.run_dir, run.manifest)
+    space = st.selectbox("Feature space", index.SPACES, key="grp_space", persist_state="session",
+                         format_func=lambda s: s if not status[s] else f"{s} (unavailable)",
+                         help="query = the final decoder embedding; decoder_k = decoder layer k; encoder_roi / "
+                              "backbone_roi = encoder memory / ResNet layer4 pooled over the person's box")
+    if status[space]:
+        st.info(f"{space} is unavailable in this run: {status[space]}. The read-outs below use query.")
+        return "query"
+    return space
+
+
 def _embedding_readouts(key: tuple, params: dict) -> bool:
     """Similarity matrices and neighbour composition; True when a group is small."""
     by, population, where, settings = params["by"], params["population"], params["where"], params["settings"]
-    sim = app.readout(key, by, "similarity", population, settings, where)
+    space = params.get("space", "query")
+    sim = app.readout(key, by, "similarity", population, settings, where, space)
     if sim is None:
         return False
     st.subheader("Similarity between groups")
@@ -148,7 +167,7 @@ def _embedding_readouts(key: tuple, params: dict) -> bool:
                "geometric mean of the two within-group ones. The mean pairwise cosine is in the CSV.")
     _download(sim, "similarity", params)
 
-    nb = app.readout(key, by, "neighbours", population, settings, where)
+    nb = app.readout(key, by, "neighbours", population, settings, where, space)
     if nb is None:
         return bool(sim["small_group"].any())
     st.subheader("Neighbour composition")
@@ -163,7 +182,8 @@ def _embedding_readouts(key: tuple, params: dict) -> bool:
 def _download(df: pd.DataFrame, metric: str, params: dict) -> None:
     """The same bytes as ``python -m index compare`` with these parameters."""
     population = "persons" if metric == "recall" else params["population"]
-    cli = cli_command(metric, params["by"], population, params["where"], params["settings"])
+    cli = cli_command(metric, params["by"], population, params["where"], params["settings"],
+                      params.get("space", "query"))
     name = "-".join(params["by"])
     st.download_button(f"{metric} (CSV)", index.to_csv_bytes(df), file_name=f"{metric}-{name}-{population}.csv",
                        mime="text/csv", key=f"grp_csv_{metric}", help=f"Identical to `{cli} --out FILE`")
