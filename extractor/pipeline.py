@@ -26,6 +26,7 @@ from .checkpoints import LoadedCheckpoint, build_model
 from .datasets import Dataset, read_dataset, select_persons
 from .finalize import write_outputs
 from .fastpath import optimise_for_inference
+from .features import feature_files, row_features
 from .infer import forward
 from .matching import PERSON_CLASS, class_probabilities, cxcywh_to_xyxy_pixels, match_image, query_predictions
 from .plan import Plan, make_plan
@@ -112,8 +113,8 @@ def _prepare_out_dir(s: ExtractSettings, fp: str, fields: dict) -> bool:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()):
-        known = {p.name for p in out.iterdir()} & (set(rundir.OUTPUTS) | {rundir.WORK_DIR, rundir.INDEX_DIR,
-                                                                          rundir.CACHE_DIR})
+        known = {p.name for p in out.iterdir()} & (set(rundir.OUTPUTS) | set(rundir.FEATURE_FILES) | {
+            rundir.WORK_DIR, rundir.INDEX_DIR, rundir.CACHE_DIR})
         if not known:
             raise ValueError(f"--out {out} is a non-empty directory that is not a run; choose a new one")
         previous = None
@@ -197,11 +198,18 @@ def _run_batch(model, plan: Plan, s: ExtractSettings, image_ids: list[int], load
     if ok:
         pixel_values, mask = collate([p.pixels for _, p in ok])
         # Same-size batches need no mask: the attention then skips the masking work.
-        out = forward(model, pixel_values, mask if bool(mask.any()) else None, s.device, s.precision)
+        extra = bool(feature_files(s.features))
+        out = forward(model, pixel_values, mask if bool(mask.any()) else None, s.device, s.precision,
+                      return_features=extra)
         probs = class_probabilities(out["pred_logits"]).numpy()
         for b, (iid, prepared) in enumerate(ok):
-            results[iid] = _image_rows(plan, s, iid, prepared, probs[b], out["pred_boxes"][b].numpy(),
-                                       out["query_embeddings"][b].numpy())
+            res = _image_rows(plan, s, iid, prepared, probs[b], out["pred_boxes"][b].numpy(),
+                              out["query_embeddings"][b].numpy())
+            if extra and res["rows"] is not None:
+                input_wh = (prepared.pixels.shape[1], prepared.pixels.shape[0])
+                res["features"] = row_features(out, b, res["rows"]["query_idx"].to_numpy(), input_wh,
+                                               model.stride, s.features)
+            results[iid] = res
     return [results[iid] for iid in image_ids]
 
 
@@ -251,6 +259,9 @@ def _write_shard(path: Path, results: list[dict], key: str) -> None:
             np.save(tmp / "embeddings.npy", np.concatenate(embs))
             pd.concat([r["predictions"] for r in results if r["rows"] is not None], ignore_index=True) \
                 .to_parquet(tmp / rundir.PREDICTIONS, index=False)
+            kept = [r for r in results if r["rows"] is not None]
+            for name in kept[0].get("features", {}):
+                np.save(tmp / name, np.concatenate([r["features"][name] for r in kept]))
         (tmp / KEY_FILE).write_text(key + "\n")
 
     rundir.atomic_dir(path, write)
@@ -267,4 +278,5 @@ def _read_shard(path: Path) -> dict:
         predictions = pd.read_parquet(path / rundir.PREDICTIONS)
     else:
         rows, emb, predictions = None, np.zeros((0, 256), np.float32), None
-    return {"status": status, "rows": rows, "embeddings": emb, "predictions": predictions}
+    features = {name: np.load(path / name) for name in rundir.FEATURE_FILES if (path / name).is_file()}
+    return {"status": status, "rows": rows, "embeddings": emb, "predictions": predictions, "features": features}

@@ -39,6 +39,24 @@ def test_fused_path_equals_reference_unbatched_and_padded_batch(model):
         _close(model(batch, mask), fast(batch, mask))
 
 
+def test_fused_path_keeps_the_feature_outputs(model):
+    fast = fastpath.optimise_for_inference(model, "cpu", "fp32")
+    g = torch.Generator().manual_seed(2)
+    batch = torch.randn(2, 3, 140, 180, generator=g)
+    mask = torch.zeros(2, 140, 180, dtype=torch.bool)
+    mask[1, 100:, :] = True
+    batch[1, :, 100:] = 0
+    with torch.inference_mode():
+        want = model(batch, mask, return_features=True)
+        got = fast(batch.contiguous(memory_format=torch.channels_last), mask, return_features=True)
+    _close(want, got)
+    assert torch.equal(got["feature_mask"], want["feature_mask"]) and got["feature_mask"][1].any()
+    assert torch.equal(got["decoder_layers"][:, -1], got["query_embeddings"])
+    for key in ("backbone_features", "encoder_memory", "decoder_layers"):
+        scale = float(want[key].abs().max())
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4 * scale)
+
+
 def test_original_model_is_untouched(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fastpath.optimise_for_inference(model, "cpu", "fp32")
