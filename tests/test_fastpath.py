@@ -109,3 +109,17 @@ def test_build_model_without_random_init_equals_a_plain_load(tmp_path):
     torch.save({"model": {k: v.half() for k, v in sd.items()}}, path)  # not float32: copied and cast
     half, _ = build_model(str(path))
     assert all(p.dtype == torch.float32 for p in half.parameters())
+
+
+def test_self_check_probe_catches_a_wrong_fused_convolution(model, monkeypatch):
+    """The cheaper self-check (stem + first block of each layer) still refuses a fused path that
+    computes something else, and the run then keeps the correct unfused convolutions."""
+    if fastpath._mkldnn_ops() is None:
+        pytest.skip("oneDNN fused convolutions are not available in this torch build")
+    real = fastpath._PackedConv.__call__
+    monkeypatch.setattr(fastpath._PackedConv, "__call__", lambda self, x, unary="none": real(self, x, unary) * 1.01)
+    fast = fastpath.optimise_for_inference(model, "cpu", "fp32")
+    assert not isinstance(fast.backbone[0].body, fastpath.FusedTrunk)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.inference_mode():
+        _close(model(x), fast(x))
