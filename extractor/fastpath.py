@@ -26,12 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from .detr import DETR, fold_frozen_batchnorm
+from .policy import POLICY
 
 log = logging.getLogger(__name__)
 
-# Shapes kept packed at once: images are processed sorted by aspect ratio, so the same
-# few shapes come in runs; each packed copy of R50 is ~100 MB.
-PACKED_SHAPES = 3
+PACKED_SHAPES = POLICY.packed_shapes  # shapes kept packed at once (extractor/policy.py says why)
 
 
 def _mkldnn_ops():

@@ -123,3 +123,12 @@ def test_self_check_probe_catches_a_wrong_fused_convolution(model, monkeypatch):
     x = torch.randn(1, 3, 96, 128)
     with torch.inference_mode():
         _close(model(x), fast(x))
+
+
+def test_auto_settings_come_from_the_one_speed_policy(tmp_path, monkeypatch):
+    from extractor import policy
+    monkeypatch.setattr(policy, "POLICY", policy.SpeedPolicy(cpu_batch_size=3, max_decode_workers=1))
+    monkeypatch.setattr("extractor.settings.POLICY", policy.POLICY)
+    s = ExtractSettings(data=tmp_path, out=tmp_path / "r", device="cpu").resolved()
+    assert (s.batch_size, s.workers) == (3, 1)
+    assert policy.SpeedPolicy().batch_size("cuda:0") == 16 and policy.SpeedPolicy().batch_size("cpu") == 1
