@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Empty: the address in .streamlit/config.toml (loopback). ADDRESS=0.0.0.0 shares the app
+# on every network interface; read the README's warning first.
+ADDRESS ?=
 
 .PHONY: install app test test-fast browser-deps demo bench clean
 
@@ -16,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 app: install
-	$(VENV)/bin/streamlit run streamlit_app.py
+	$(VENV)/bin/streamlit run streamlit_app.py$(if $(ADDRESS), --server.address $(ADDRESS))
 
 # Debian's Chromium for the real-browser test; never a downloaded browser.
 browser-deps:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .groups import ATTRIBUTE_COLUMNS, REQUIRED_ATTRIBUTE_COLUMNS, RAW_ATTRIBUTE_COLUMNS, derive_groups
+from .where import evaluate_where
 
 log = logging.getLogger(__name__)
 
@@ -285,21 +286,8 @@ def _assemble(raw: pd.DataFrame, files: dict[str, str]) -> tuple[pd.DataFrame, p
 
 
 def select_persons(persons: pd.DataFrame, where: str | None) -> pd.DataFrame:
-    """Persons matching a pandas query over their columns, e.g. ``mst_mode in [7,8] and lighting_dimly_lit``."""
+    """Persons matching a pandas query over their columns, e.g. ``mst_mode in [7,8] and lighting_dimly_lit``
+    (``extractor.where.evaluate_where``: the same rules as the index's filters, NA is False)."""
     if not where:
         return persons
-    try:
-        mask = persons.eval(where)
-    except Exception as exc:  # pandas raises many types for bad expressions
-        name = re.search(r"name '(\w+)' is not defined", str(exc))
-        if name or isinstance(exc, pd.errors.UndefinedVariableError):
-            cols = ", ".join(c for c in persons.columns if not c.startswith(("hair", "has_", "visible_")))
-            raise ValueError(f"--where names an unknown column ({exc}); columns include: {cols}") from None
-        raise ValueError(f"--where {where!r} is not a valid expression: {exc}") from None
-    if not isinstance(mask, pd.Series) or len(mask) != len(persons):
-        raise ValueError(f"--where {where!r} must give one true/false value per person")
-    try:
-        mask = mask.fillna(False).astype(bool)
-    except (TypeError, ValueError):
-        raise ValueError(f"--where {where!r} does not evaluate to true/false values") from None
-    return persons[mask.to_numpy()].reset_index(drop=True)
+    return persons[evaluate_where(persons, where)].reset_index(drop=True)

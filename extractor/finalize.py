@@ -37,6 +37,17 @@ def assemble_rows(plan: Plan, shards: list[dict]) -> tuple[pd.DataFrame, np.ndar
     return rows.iloc[order].reset_index(drop=True), emb[order], status
 
 
+def assemble_predictions(shards: list[dict]) -> pd.DataFrame:
+    """Every query of every readable image, sorted by (image_id, query_idx)."""
+    columns = rundir.SCHEMAS[rundir.PREDICTIONS]
+    frames = [sh["predictions"] for sh in shards if sh.get("predictions") is not None]
+    if not frames:
+        return pd.DataFrame({c.name: pd.Series(dtype=c.dtype) for c in columns})
+    pred = pd.concat(frames, ignore_index=True)[[c.name for c in columns]]
+    order = np.lexsort((pred["query_idx"].to_numpy(), pred["image_id"].to_numpy()))
+    return pred.iloc[order].reset_index(drop=True)
+
+
 def _attributes_for(rows: pd.DataFrame, persons: pd.DataFrame) -> pd.DataFrame:
     """The person's attribute columns per row; rows without a person get neutral values
     (flags False, counts 0, modes/bands 'unknown', mst_mode NA) so they fall in 'unknown'."""
@@ -104,6 +115,7 @@ def write_outputs(s: ExtractSettings, plan: Plan, dataset: Dataset, ckpt: Loaded
     """Assemble the shards and write the run through the run-format writer; -> manifest dict."""
     rows, emb, status = assemble_rows(plan, shards)
     det, persons, images = build_tables(plan, rows, status)
+    pred = assemble_predictions(shards)
     skipped_counts: dict[str, int] = {}
     for row in plan.skipped:
         kind = row.reason.split(":", 1)[0]
@@ -131,7 +143,8 @@ def write_outputs(s: ExtractSettings, plan: Plan, dataset: Dataset, ckpt: Loaded
         filters={"where": s.where, "limit": s.limit, "persons_selected": plan.n_selected_persons},
         timings=dict(timings, total_s=round(time.perf_counter() - t0, 3)),
     )
-    written = rundir.write_run(s.out, manifest, images=images, persons=persons, detections=det, embeddings=emb)
+    written = rundir.write_run(s.out, manifest, images=images, persons=persons, detections=det, embeddings=emb,
+                               predictions=pred)
     c = written.counts
     log.info("done: %d images (%d failed), %d persons, %d detected, %d kept detections, %d rows -> %s",
              c["images"], c["images_failed"], c["persons"], c["persons_detected"], c["detections_kept"],

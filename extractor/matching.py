@@ -23,6 +23,35 @@ def person_probability(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(-1)[..., PERSON_CLASS]
 
 
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over all 92 logits (no-object last), float32. [..., 92] -> [..., 92]
+
+    Its person column is bitwise ``person_probability``: kept rows and predictions agree.
+    """
+    return logits.float().softmax(-1)
+
+
+def query_predictions(image_id: int, probs: np.ndarray, boxes_xyxy: np.ndarray) -> dict[str, np.ndarray]:
+    """Every query's prediction of one image, as DETR's PostProcess hands it to pycocotools.
+
+    probs: [Q, 92] class probabilities (``class_probabilities``); boxes_xyxy: [Q, 4] pixels
+    of the original image. Columns (each [Q]): image_id, query_idx (int16), x1..y2 and
+    p_person (probability of class 1) as float32, label = argmax over the 91 real classes
+    (no-object excluded, int16 as the run schema has it) and label_score = its probability (float32).
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    q = len(probs)
+    real = probs[:, :-1]
+    label = real.argmax(axis=1)
+    box = np.asarray(boxes_xyxy).astype(np.float32)
+    return {
+        "image_id": np.full(q, image_id, dtype=np.int64), "query_idx": np.arange(q, dtype=np.int16),
+        "x1": box[:, 0], "y1": box[:, 1], "x2": box[:, 2], "y2": box[:, 3],
+        "p_person": probs[:, PERSON_CLASS].copy(), "label": label.astype(np.int16),
+        "label_score": real[np.arange(q), label].astype(np.float32),
+    }
+
+
 def cxcywh_to_xyxy_pixels(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """Normalised (cx, cy, w, h) [N, 4] -> pixel (x1, y1, x2, y2) [N, 4] of a width x height image."""
     boxes = np.asarray(boxes, dtype=np.float64)

@@ -27,7 +27,7 @@ from .datasets import Dataset, read_dataset, select_persons
 from .finalize import write_outputs
 from .fastpath import optimise_for_inference
 from .infer import forward
-from .matching import cxcywh_to_xyxy_pixels, match_image, person_probability
+from .matching import PERSON_CLASS, class_probabilities, cxcywh_to_xyxy_pixels, match_image, query_predictions
 from .plan import Plan, make_plan
 from .resume import KEY_FILE, image_states, reconcile, shard_keys, shard_name
 from .preprocess import collate, load_prepared
@@ -207,15 +207,17 @@ def _run_batch(model, plan: Plan, s: ExtractSettings, image_ids: list[int], load
         pixel_values, mask = collate([p.pixels for _, p in ok])
         # Same-size batches need no mask: the attention then skips the masking work.
         out = forward(model, pixel_values, mask if bool(mask.any()) else None, s.device, s.precision)
-        scores = person_probability(out["pred_logits"]).numpy()
+        probs = class_probabilities(out["pred_logits"]).numpy()
         for b, (iid, prepared) in enumerate(ok):
-            results[iid] = _image_rows(plan, s, iid, prepared, scores[b], out["pred_boxes"][b].numpy(),
+            results[iid] = _image_rows(plan, s, iid, prepared, probs[b], out["pred_boxes"][b].numpy(),
                                        out["query_embeddings"][b].numpy())
     return [results[iid] for iid in image_ids]
 
 
-def _image_rows(plan: Plan, s: ExtractSettings, image_id: int, prepared, scores, boxes, emb) -> dict:
+def _image_rows(plan: Plan, s: ExtractSettings, image_id: int, prepared, probs, boxes, emb) -> dict:
+    """probs [Q, 92] class probabilities, boxes [Q, 4] normalised cxcywh, emb [Q, 256]."""
     w, h = prepared.orig_size
+    scores = probs[:, PERSON_CLASS]
     expected = plan.images_by_id[image_id]
     if (w, h) != (expected["width"], expected["height"]):
         return {"image_id": image_id, "status": f"error: size changed to {w}x{h} while running", "rows": None}
@@ -240,7 +242,8 @@ def _image_rows(plan: Plan, s: ExtractSettings, image_id: int, prepared, scores,
         "detected": m.detected.astype(bool),
     })
     return {"image_id": image_id, "status": "ok", "rows": rows,
-            "embeddings": np.ascontiguousarray(emb[m.query_idx], dtype=np.float32)}
+            "embeddings": np.ascontiguousarray(emb[m.query_idx], dtype=np.float32),
+            "predictions": pd.DataFrame(query_predictions(image_id, probs, xyxy))}
 
 
 def _write_shard(path: Path, results: list[dict], key: str) -> None:
@@ -255,6 +258,8 @@ def _write_shard(path: Path, results: list[dict], key: str) -> None:
         if frames:
             pd.concat(frames, ignore_index=True).to_parquet(tmp / "rows.parquet", index=False)
             np.save(tmp / "embeddings.npy", np.concatenate(embs))
+            pd.concat([r["predictions"] for r in results if r["rows"] is not None], ignore_index=True) \
+                .to_parquet(tmp / rundir.PREDICTIONS, index=False)
         (tmp / KEY_FILE).write_text(key + "\n")
 
     rundir.atomic_dir(path, write)
@@ -265,6 +270,10 @@ def _read_shard(path: Path) -> dict:
     if (path / "rows.parquet").is_file():
         rows = pd.read_parquet(path / "rows.parquet")
         emb = np.load(path / "embeddings.npy")
+        if not (path / rundir.PREDICTIONS).is_file():
+            raise ValueError(f"{path} was written by an older version (no {rundir.PREDICTIONS}): "
+                             f"pass --overwrite to extract the run again")
+        predictions = pd.read_parquet(path / rundir.PREDICTIONS)
     else:
-        rows, emb = None, np.zeros((0, 256), np.float32)
-    return {"status": status, "rows": rows, "embeddings": emb}
+        rows, emb, predictions = None, np.zeros((0, 256), np.float32), None
+    return {"status": status, "rows": rows, "embeddings": emb, "predictions": predictions}

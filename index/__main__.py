@@ -14,8 +14,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from extractor.rundir import atomic_write
 from index.build import KINDS, BuildSettings, build_index
 from index.export import to_csv_bytes
-from index.groups import GROUPINGS, METRICS, POPULATIONS, GroupSettings, compare
+from index.groupings import GROUPINGS, POPULATION_HELP, POPULATIONS, REGISTRY
+from index.groups import METRICS, GroupSettings, compare
 from index.store import load_run
+from index.planted import PlantedEffects
 from index.synthetic import write_synthetic_run
 
 log = logging.getLogger("index")
@@ -49,31 +51,51 @@ def _parser() -> argparse.ArgumentParser:
                        description="Compare groups of a run and write the tidy table as CSV "
                                    "(the same bytes as the app's download).")
     c.add_argument("run", type=Path, help="run directory with a built index")
-    c.add_argument("--by", required=True, choices=GROUPINGS, metavar="GROUPING",
-                   help=f"grouping: {', '.join(GROUPINGS)}")
+    c.add_argument("--by", required=True, choices=GROUPINGS, metavar="GROUPING", action="append",
+                   help="grouping; repeat it for an intersection (--by mst_mode --by lighting: cells such as "
+                        "'7 & dimly_lit'): " + "; ".join(f"{g.name} ({g.kind})" for g in REGISTRY.values()))
+    c.add_argument("--where", default=None, metavar="EXPR",
+                   help="restrict the rows (persons for recall) with a pandas condition, the same rules as the "
+                        "extractor's --where, e.g. \"class1 == 'doctor'\" (missing values count as false)")
     c.add_argument("--metric", required=True, choices=METRICS,
                    help="similarity = centroid and mean pairwise cosine; neighbours = share of each group among "
-                        "the k nearest neighbours vs its base rate; recall = detection recall per group and the gap")
+                        "the k nearest neighbours vs its base rate; recall = kept detections (P(person) >= the run's "
+                        "threshold) matched at IoU 0.5, per group and the gap; ar / recall50 / recall75 = COCO "
+                        "AR@100 over IoU .50:.05:.95 / recall at IoU .50 / .75 of every query labelled person "
+                        "(needs predictions.parquet), with image-bootstrap intervals")
     c.add_argument("--population", choices=POPULATIONS, default=None,
-                   help="rows compared: detections = matched detections, persons = one row per annotated person, "
-                        "all = every row (default: detections; recall always counts annotated persons)")
+                   help=f"rows compared: {POPULATION_HELP} (default: detections; recall and AR always count "
+                        "annotated persons of readable images)")
     c.add_argument("--k", type=int, default=GroupSettings.k, help="neighbours per query (default: %(default)s)")
     c.add_argument("--n-boot", type=int, default=GroupSettings.n_boot,
-                   help="bootstrap rounds for the 95%% intervals (default: %(default)s)")
+                   help="image-cluster bootstrap rounds for the 95%% BCa intervals (default: %(default)s)")
     c.add_argument("--seed", type=int, default=GroupSettings.seed,
                    help="seed of the bootstrap and query sample (default: %(default)s)")
     c.add_argument("--min-group-size", type=int, default=GroupSettings.min_group_size,
-                   help="groups smaller than this are flagged small_group (default: %(default)s)")
+                   help="groups smaller than this are flagged small_group and left out of the gap's choice and "
+                        "the Holm family (default: %(default)s)")
+    c.add_argument("--include-unknown", action="store_true",
+                   help="recall: let unknown groups into the gap's choice and the Holm family")
+    c.add_argument("--include-small", action="store_true",
+                   help="recall: let groups under --min-group-size (but >= 2) into the gap's choice and the Holm family")
+    c.add_argument("--same-image-neighbours", action="store_true",
+                   help="neighbours: keep neighbours from the query's own photo (left out by default)")
     c.add_argument("--max-queries-per-group", type=int, default=GroupSettings.max_queries_per_group,
                    help="neighbours: seeded sample of queries per group (default: %(default)s)")
     c.add_argument("--out", type=Path, required=True, help="CSV file to write")
 
     s = sub.add_parser("synthetic", help="write a synthetic run (no DETR) for tests and demos",
-                       description="Write a complete, valid synthetic run directory with clustered embeddings.")
+                       description="Write a complete, valid synthetic run directory with clustered embeddings and "
+                                   "predictions from planted detection effects (truth in the manifest's 'planted').")
     s.add_argument("out", type=Path, help="run directory to create")
     s.add_argument("--rows", type=int, required=True, help="number of embedding rows")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--clusters", type=int, default=None, help="mixture components (default: rows / 200, 2..64)")
+    s.add_argument("--detection-seed", type=int, default=None,
+                   help="seed of the planted detections, apart from the dataset's --seed (default: derived from --seed)")
+    s.add_argument("--image-sd", type=float, default=PlantedEffects.image_sd,
+                   help="sd of the image effect on the logit of being found, shared by a photo's persons "
+                        "(default: %(default)s)")
     return p
 
 
@@ -88,12 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_index(args.run, settings)
         elif args.command == "compare":
             settings = GroupSettings(k=args.k, n_boot=args.n_boot, seed=args.seed, min_group_size=args.min_group_size,
-                                     max_queries_per_group=args.max_queries_per_group)
-            data = to_csv_bytes(compare(load_run(args.run), args.by, args.metric, args.population, settings))
+                                     max_queries_per_group=args.max_queries_per_group,
+                                     same_image_neighbours=args.same_image_neighbours,
+                                     include_unknown=args.include_unknown, include_small=args.include_small)
+            data = to_csv_bytes(compare(load_run(args.run), args.by, args.metric, args.population, settings,
+                                        where=args.where))
             atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
             log.info("wrote %s", args.out)
         else:
-            write_synthetic_run(args.out, args.rows, seed=args.seed, n_clusters=args.clusters)
+            write_synthetic_run(args.out, args.rows, seed=args.seed, n_clusters=args.clusters,
+                                effects=PlantedEffects(image_sd=args.image_sd), detection_seed=args.detection_seed)
     except (ValueError, OSError) as exc:
         print(f"python -m index {args.command}: error: {exc}", file=sys.stderr)
         return 2

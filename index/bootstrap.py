@@ -33,9 +33,10 @@ import contextlib
 import hashlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
+from scipy import sparse
 from scipy.special import ndtr, ndtri
 
 try:
@@ -100,20 +101,47 @@ def image_weights(image_ids: np.ndarray, settings: BootSettings = BootSettings()
 
 
 def per_image_sums(values: np.ndarray, inverse: np.ndarray, n_images: int) -> np.ndarray:
-    """[n_images, ...] sums of values [N, ...] over the rows of each image."""
-    out = np.zeros((n_images,) + values.shape[1:], dtype=np.float64)
-    if len(values):
-        order = np.argsort(inverse, kind="stable")
-        starts = np.searchsorted(inverse[order], np.arange(n_images))
-        present = np.bincount(inverse, minlength=n_images) > 0
-        out[present] = np.add.reduceat(values[order].astype(np.float64), starts[present], axis=0)
-    return out
+    """float64 [n_images, ...] sums of values [N, ...] over the rows of each image
+    (a sparse incidence product: ~20x faster than np.add.reduceat on 2-d rows)."""
+    values = np.asarray(values)
+    flat = values.reshape(len(values), int(np.prod(values.shape[1:]))).astype(np.float64, copy=False)
+    P = sparse.csr_matrix((np.ones(len(values)), (inverse, np.arange(len(values)))), shape=(n_images, len(values)))
+    return np.asarray(P @ flat).reshape((n_images,) + values.shape[1:])
+
+
+def jackknife_weights(uniq: np.ndarray, settings: BootSettings = BootSettings(),
+                      n_blocks: int = 50) -> np.ndarray:
+    """float64 [K, n_images], K = min(n_blocks, n_images): weight 1, and 0 on the images of
+    block k (a seeded partition of the images). Leave-one-block-out values give the
+    BCa acceleration where the exact leave-one-image-out is too costly: the third and
+    second moments of block influences add up like those of single images."""
+    n = len(uniq)
+    K = min(n_blocks, n)
+    if K == 0:
+        return np.ones((0, n))
+    block = _chunk_rng(settings.seed, uniq, -1 % 2**32).permutation(n) % K
+    return (block[None, :] != np.arange(K)[:, None]).astype(np.float64)
+
+
+def resample(statistic: Callable[[np.ndarray], np.ndarray], uniq: np.ndarray,
+             settings: BootSettings = BootSettings(), n_blocks: int = 50,
+             value: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(value [...], boot [n_boot, ...], jack [K, ...]) of ``statistic``, a function of image
+    weights W [b, n_images] returning [b, ...] (W = 1 gives the data itself; pass
+    ``value`` when the caller computes the estimate more exactly)."""
+    with one_blas_thread():
+        value = statistic(np.ones((1, len(uniq))))[0] if value is None else np.asarray(value)
+        boot = np.concatenate([statistic(W) for W in image_weights(uniq, settings)])
+        J = jackknife_weights(uniq, settings, n_blocks)
+        jack = (np.concatenate([statistic(J[i:i + CHUNK]) for i in range(0, len(J), CHUNK)]) if len(J)
+                else np.full((0,) + value.shape, np.nan))
+    return value, boot, jack
 
 
 # --- intervals and tests ---------------------------------------------------------------
 
 def _share_below(boot: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    finite = np.isfinite(boot)
+    finite = ~np.isnan(boot)  # +-inf rounds (a ratio over a zero) are ordered values, NaN rounds are left out
     k = finite.sum(axis=0)
     with np.errstate(invalid="ignore"):
         below = ((boot < value) & finite).sum(axis=0) + 0.5 * ((boot == value) & finite).sum(axis=0)
@@ -127,6 +155,7 @@ def acceleration(jack: np.ndarray) -> np.ndarray:
     """BCa acceleration from leave-one-image-out values jack [n_images, ...] (NaN skipped)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        jack = np.where(np.isfinite(jack), jack, np.nan)
         d = np.nanmean(jack, axis=0) - jack
         num, den = np.nansum(d ** 3, axis=0), 6 * np.nansum(d ** 2, axis=0) ** 1.5
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -134,15 +163,15 @@ def acceleration(jack: np.ndarray) -> np.ndarray:
 
 
 def _quantiles(boot: np.ndarray, q: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Per-element linear-interpolated quantile q [...] of the k finite rounds."""
-    srt = np.sort(np.where(np.isfinite(boot), boot, np.inf), axis=0)  # finite first
+    """Per-element linear-interpolated quantile q [...] of the k non-NaN rounds."""
+    srt = np.sort(boot, axis=0)  # NaN sort last
     pos = np.clip(q, 0, 1) * np.maximum(k - 1, 0)
     lo = np.floor(pos).astype(np.int64)
     hi = np.minimum(lo + 1, np.maximum(k - 1, 0))
     a = np.take_along_axis(srt, lo[None], 0)[0]
     b = np.take_along_axis(srt, hi[None], 0)[0]
     with np.errstate(invalid="ignore"):
-        out = np.where(hi > lo, a + (pos - lo) * (b - a), a)
+        out = np.where((hi > lo) & (a != b), a + (pos - lo) * (b - a), a)
     return np.where(k > 0, out, np.nan)
 
 
@@ -247,14 +276,29 @@ class GroupMeans:
                             self.jack[:, a] / self.jack[:, b], self.settings.level, null=1.0)
 
 
+def rows_in(image_ids: np.ndarray, universe: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique universe [n_images], each row's position in it [N]); universe None:
+    the rows' own images. Rows whose image is outside the universe are an error."""
+    if universe is None:
+        return image_index(image_ids)
+    uniq, _ = image_index(universe)
+    ids = np.asarray(image_ids)
+    pos = np.searchsorted(uniq, ids)
+    if len(ids) and (pos.max() >= len(uniq) or (uniq[np.minimum(pos, len(uniq) - 1)] != ids).any()):
+        raise ValueError("some rows' image ids are not in the universe of images given to the bootstrap")
+    return uniq, pos
+
+
 def group_means(values: np.ndarray, M: np.ndarray, image_ids: np.ndarray,
-                settings: BootSettings = BootSettings()) -> GroupMeans:
+                settings: BootSettings = BootSettings(), universe: np.ndarray | None = None) -> GroupMeans:
     """Mean of values [N] or [N, m] over the rows of each group of membership M [N, G]
     (bool; groups may overlap), with image-cluster BCa intervals.
 
     design_effect = bootstrap variance / (s^2 / n), s^2 the within-group variance of
     the persons' values (p(1 - p) for 0/1 values): how much the clustering by photo
     widens the interval compared with independent persons. NaN for empty groups.
+    ``universe``: the image ids resampled (default: the rows' own images); images
+    without rows still count in a round's draw, as in the full sample.
     """
     v = np.asarray(values, dtype=np.float64)
     squeeze = v.ndim == 1
@@ -266,7 +310,7 @@ def group_means(values: np.ndarray, M: np.ndarray, image_ids: np.ndarray,
         raise ValueError("values must be finite for every row in a group; drop or fill missing values first")
     v = np.where(M.any(axis=1)[:, None], v, 0.0)
     (N, m), G = v.shape, M.shape[1]
-    uniq, inv = image_index(np.asarray(image_ids))
+    uniq, inv = rows_in(np.asarray(image_ids), universe)
     n_img = len(uniq)
     Mf = M.astype(np.float64)
     A = per_image_sums((Mf[:, :, None] * v[:, None, :]).reshape(N, G * m), inv, n_img)  # [n_img, G*m]

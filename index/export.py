@@ -22,5 +22,5 @@ def to_csv_bytes(df: pd.DataFrame) -> bytes:
 
 def read_csv_bytes(data: bytes) -> pd.DataFrame:
     """The frame ``to_csv_bytes`` wrote (floats rounded to 6 significant digits)."""
-    labels = {c: str for c in ("group_a", "group_b", "metric", "grouping", "population")}
+    labels = {c: str for c in ("group_a", "group_b", "metric", "grouping", "population", "where", "rule")}
     return pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=[NA], dtype=labels)

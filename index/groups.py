@@ -1,45 +1,40 @@
-"""Group read-outs over a run: similarity matrices, neighbour composition, recall.
+"""Group read-outs over a run: similarity matrices, neighbour composition, recall, COCO AR.
 
-A grouping is an [N, G] boolean membership matrix plus labels, so overlapping
-(``mst_any``, ``lighting``) and exclusive (``mst_mode``) groupings share the code.
-Every read-out returns a tidy long frame: ``group_a, group_b, metric, value, ci_low,
-ci_high, n_a, n_b, small_group`` plus the parameters that produced it. ``small_group``
-is True when group_a or group_b has fewer than ``min_group_size`` rows. Empty groups
-stay in the output with n = 0 and NaN values. In population ``all``, detections
-matching nobody carry no attributes and so fall in ``unknown`` (``no`` for a
+Groups come from ``index.groupings`` (one grouping or an intersection, exclusive or
+overlapping, as an [N, G] membership matrix), restricted to a population and an
+optional ``where`` over the rows. Every interval comes from one image-cluster
+bootstrap (``index.bootstrap``: images resampled with replacement, rows come with
+their photo, BCa intervals that contain their estimate). Every read-out returns a
+tidy long frame: ``group_a, group_b, metric, value, ci_low, ci_high, n_a, n_b,
+small_group, rule`` plus the parameters that produced it. ``small_group`` is True
+when group_a or group_b has fewer than ``min_group_size`` rows. Empty groups stay in
+the output with n = 0 and NaN values. In population ``all``, detections matching
+nobody carry no attributes and so fall in ``unknown`` (``no`` for a
 ``lighting_<flag>`` grouping).
 """
 from __future__ import annotations
 
-import contextlib
+import logging
+import warnings
+import weakref
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from extractor.groups import AGE_VALUES, GENDER_VALUES, LIGHTING_FLAGS, MST_BANDS, MST_TONES, UNKNOWN
-from index.stats import newcombe_difference, percentile_interval, resample_counts, wilson
+from index.audit import AUDIT_METRICS, PROTOCOLS, run_audit
+from index.bootstrap import BootSettings, bca_interval, image_index, one_blas_thread, per_image_sums, resample
+from index.disparity import mean_readout
+from index.groupings import GROUPINGS, POPULATIONS, Groups, by_names, groups_of, population_mask, population_rows
 from index.store import Run
 
-try:
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover - installed with scikit-learn
-    threadpool_limits = None
+log = logging.getLogger(__name__)
 
-GROUPINGS = (
-    "mst_any", "mst_mode", "mst_band", "lighting", *(f"lighting_{f}" for f in LIGHTING_FLAGS),
-    "gender_mode", "gender_any", "age_mode", "age_any",
-)
-POPULATIONS = ("detections", "persons", "all")
-METRICS = ("similarity", "neighbours", "recall")
-_BOOT_CHUNK = 64  # bootstrap rounds per matrix product; fixed so results do not depend on n
-
-
-def _one_blas_thread() -> contextlib.AbstractContextManager:
-    """Our products have a long inner dimension ([64, n] @ [n, 256]); numpy's OpenBLAS
-    ran that shape 30-40x slower on two threads than on one on the 2-core VM
-    ([64, 20000] @ [20000, 256]: 210-380 ms against 6-9 ms)."""
-    return threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
+METRICS = ("similarity", "neighbours", "recall", *AUDIT_METRICS)
+INTERVAL = "BCa 95%, photos resampled"  # the interval column of every read-out
+__all__ = ["GROUPINGS", "METRICS", "POPULATIONS", "GroupSettings", "audit_recall", "compare", "detection_recall",
+           "neighbour_composition", "population_rows", "similarity"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +48,11 @@ class GroupSettings:
     # The neighbour search costs nq x N x 256; 500 queries per group keep 100k rows
     # and 11 groups near 4 s on 2 cores with an exact index (bench/index_bench.py).
     max_queries_per_group: int = 500
+    # Neighbours from the query's own photo share its context: left out by default.
+    same_image_neighbours: bool = False
+    # The gap's choice and the Holm family leave out unknown and small groups by default.
+    include_unknown: bool = False
+    include_small: bool = False
 
     def __post_init__(self) -> None:
         for name in ("k", "n_boot", "max_queries_per_group"):
@@ -61,164 +61,144 @@ class GroupSettings:
         if self.min_group_size < 0:
             raise ValueError(f"min_group_size must be >= 0, got {self.min_group_size}")
 
-
-def _bool(frame: pd.DataFrame, col: str) -> np.ndarray:
-    return frame[col].to_numpy(dtype=bool, na_value=False)
-
-
-def _flags(frame: pd.DataFrame, columns: list[str], labels: list[str]) -> tuple[list[str], np.ndarray]:
-    """Overlapping groups from flag columns, plus ``unknown`` for rows in none of them."""
-    M = np.stack([_bool(frame, c) for c in columns], axis=1) if columns else np.zeros((len(frame), 0), bool)
-    return labels + [UNKNOWN], np.column_stack([M, ~M.any(axis=1)])
+    @property
+    def boot(self) -> BootSettings:
+        return BootSettings(n_boot=self.n_boot, seed=self.seed)
 
 
-def _exclusive(values: np.ndarray, labels: list[str]) -> tuple[list[str], np.ndarray]:
-    """One group per label; values outside the labels go to ``unknown``."""
-    M = np.stack([values == lab for lab in labels], axis=1)
-    return labels + [UNKNOWN], np.column_stack([M, ~M.any(axis=1)])
+def _params(groups: Groups, population: str, where: str | None, settings: GroupSettings, **extra: object) -> dict:
+    return dict(grouping=groups.name, population=population, where=where or "", n_boot=settings.n_boot,
+                seed=settings.seed, min_group_size=settings.min_group_size, interval=INTERVAL, **extra)
 
 
-def membership(frame: pd.DataFrame, by: str) -> tuple[list[str], np.ndarray]:
-    """Labels (stable order, ``unknown`` last) and bool [len(frame), G] membership."""
-    if by not in GROUPINGS:
-        raise ValueError(f"unknown grouping {by!r}: choose one of {', '.join(GROUPINGS)}")
-    tones = [str(t) for t in MST_TONES]
-    if by == "mst_any":
-        return _flags(frame, [f"mst_any_{t}" for t in tones], tones)
-    if by == "mst_mode":
-        mode = frame["mst_mode"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
-        return _exclusive(np.where(np.isnan(mode), -1, mode).astype(int).astype(str), tones)
-    if by == "mst_band":
-        return _exclusive(frame["mst_band"].astype(str).to_numpy(), list(MST_BANDS))
-    if by == "lighting":
-        return _flags(frame, [f"lighting_{f}" for f in LIGHTING_FLAGS], list(LIGHTING_FLAGS))
-    if by.startswith("lighting_"):
-        yes = _bool(frame, by)
-        return ["yes", "no"], np.column_stack([yes, ~yes])
-    values = GENDER_VALUES if by.startswith("gender") else AGE_VALUES
-    stem = by.rsplit("_", 1)[0]
-    if by.endswith("_mode"):
-        return _exclusive(frame[by].astype(str).to_numpy(), list(values))
-    return _flags(frame, [f"{stem}_any_{v}" for v in values], list(values))
-
-
-def population_rows(meta: pd.DataFrame, population: str) -> np.ndarray:
-    """Sorted det_ids of a population: detections = matched rows, persons = rows with a
-    person (one per annotated person, detected or not), all = every row."""
-    if population == "detections":
-        return np.flatnonzero(_bool(meta, "matched"))
-    if population == "persons":
-        return np.flatnonzero(_bool(meta, "has_person"))
-    if population == "all":
-        return np.arange(len(meta))
-    raise ValueError(f"unknown population {population!r}: choose one of {', '.join(POPULATIONS)}")
-
-
-def _pairs_frame(labels: list[str], sizes: np.ndarray, metric: str, value: np.ndarray,
+def _pairs_frame(groups: Groups, sizes: np.ndarray, metric: str, value: np.ndarray,
                  lo: np.ndarray, hi: np.ndarray, min_size: int, **extra: object) -> pd.DataFrame:
     """Long frame with one row per ordered pair (g, h) of an [G, G] matrix."""
-    G = len(labels)
+    G = len(groups.labels)
     a, b = np.repeat(np.arange(G), G), np.tile(np.arange(G), G)
     n = np.asarray(sizes, dtype=np.int64)
+    labels = np.asarray(groups.labels, dtype=object)
     out = pd.DataFrame({
-        "group_a": np.asarray(labels, dtype=object)[a], "group_b": np.asarray(labels, dtype=object)[b],
-        "metric": metric, "value": np.ravel(value), "ci_low": np.ravel(lo), "ci_high": np.ravel(hi),
-        "n_a": n[a], "n_b": n[b], "small_group": (n[a] < min_size) | (n[b] < min_size),
+        "group_a": labels[a], "group_b": labels[b], "metric": metric, "value": np.ravel(value),
+        "ci_low": np.ravel(lo), "ci_high": np.ravel(hi), "n_a": n[a], "n_b": n[b],
+        "small_group": (n[a] < min_size) | (n[b] < min_size), "rule": groups.rule,
     })
     for name, col in extra.items():
         out[name] = np.ravel(col)[a * G + b] if isinstance(col, np.ndarray) and col.size == G * G else col
     return out
 
 
-def _cosines(gram: np.ndarray, same: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(centroid cosine, mean pairwise cosine) from Gram matrices of group sums.
+def _cosines(gram: np.ndarray, same: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(centroid, mean pairwise, bias-corrected) cosines [..., G, G] from Gram matrices
+    of group sums gram[..., g, h] = S_g . S_h and group sizes [..., G].
 
-    gram[..., g, h] = S_g . S_h; same[..., g, h] = the self-pairs inside g x h (|g n h|
-    without resampling, sum_i w_gi w_hi with it); each self-pair contributes cos = 1.
+    same[..., g, h] = the self-pairs inside g x h (|g n h|, or sum_i w_i^2 over rows in
+    both when row i carries weight w_i); each contributes cos = 1 and is removed from
+    the pairwise mean. bias-corrected = pairwise(g, h) / sqrt(pairwise(g, g) pairwise(h, h)).
     """
     norms = np.sqrt(np.einsum("...gg->...g", gram))
     with np.errstate(divide="ignore", invalid="ignore"):
         centroid = gram / (norms[..., :, None] * norms[..., None, :])
-        pairs = sizes[:, None].astype(np.float64) * sizes[None, :] - same
-        pairwise = np.where(pairs > 0, (gram - same) / pairs, np.nan)
-    return centroid, pairwise
+        pairs = sizes[..., :, None].astype(np.float64) * sizes[..., None, :] - same
+        pairwise = np.where(pairs > 0.5, (gram - same) / np.where(pairs > 0.5, pairs, 1.0), np.nan)
+        within = np.einsum("...gg->...g", pairwise)
+        within = np.where(within > 0, within, np.nan)
+        corrected = pairwise / np.sqrt(within[..., :, None] * within[..., None, :])
+    return centroid, pairwise, corrected
 
 
-def _strata(M: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Membership patterns Q [P, G] (float64, the set of groups a row is in) and the
-    unit vectors of each pattern's rows [n_p, d]; P = 0 for an empty population."""
-    patterns, stratum = np.unique(M, axis=0, return_inverse=True)
-    stratum = stratum.ravel()  # some numpy 2 releases return it as [N, 1] with axis=0
-    order = np.argsort(stratum, kind="stable")
-    counts = np.bincount(stratum, minlength=len(patterns))
-    return patterns.astype(np.float64), [X[order[e - c:e]] for e, c in zip(np.cumsum(counts), counts)]
+def _patterns(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Membership patterns Q float64 [P, G] (the sets of groups rows are in) and each
+    row's pattern [N]; rows packed to bytes first (np.unique over rows is ~50x slower)."""
+    packed = np.packbits(M, axis=1)
+    keys = np.ascontiguousarray(packed).view(np.dtype((np.void, max(packed.shape[1], 1)))).ravel()
+    if M.shape[1] == 0:
+        keys = np.zeros(len(M), dtype=np.int8)
+    _, first, stratum = np.unique(keys, return_index=True, return_inverse=True)
+    return M[first].astype(np.float64), stratum.ravel()
 
 
-def _bootstrap_similarity(rng: np.random.Generator, n_boot: int, Q: np.ndarray, Xs: list[np.ndarray],
-                          sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[n_boot, G, G] centroid and pairwise cosines of resamples within each membership
-    pattern (``_strata``).
+def similarity_statistic(M: np.ndarray, X: np.ndarray, inv: np.ndarray):
+    """(statistic, value): statistic(W [b, n_images]) -> [b, 3, G, G] (centroid, pairwise,
+    corrected cosines) of the rows weighted by their image's weight; value [3, G, G] the
+    same for the data, exactly (float64).
 
-    A row in two overlapping groups is drawn with one weight for both, as in the data,
-    and every group keeps its size; for an exclusive grouping this is resampling within
-    each group. A round's sum of g adds the resampled sums of g's patterns; the pairs
-    of a row with its own copies, w_i^2 of them with cosine 1, are removed.
+    Rows are split once into membership patterns (the set of groups a row is in), then
+    per pattern into per-image sums, so a round costs b x (pattern-image cells) x d:
+    a row in two overlapping groups carries one weight for both, as in the data. The
+    rounds multiply in float32 (half the time; their cosines move by ~1e-6, far below
+    the bootstrap spread).
     """
-    (P, G), d = Q.shape, (Xs[0].shape[1] if Xs else 0)
-    boot_c, boot_p = np.empty((n_boot, G, G)), np.empty((n_boot, G, G))
-    with _one_blas_thread():
-        for lo in range(0, n_boot, _BOOT_CHUNK):
-            b = min(_BOOT_CHUNK, n_boot - lo)
-            Sp, sq = np.zeros((b, P, d)), np.zeros((b, P))  # resampled sums and sum of w^2 per pattern
-            for p, x in enumerate(Xs):
-                w = resample_counts(rng, len(x), b)
-                Sp[:, p] = w @ x
-                sq[:, p] = (w.astype(np.float64) ** 2).sum(axis=1)
-            Sb = np.einsum("bpd,pg->bgd", Sp, Q)
-            same = np.einsum("bp,pg,ph->bgh", sq, Q, Q)
-            boot_c[lo:lo + b], boot_p[lo:lo + b] = _cosines(Sb @ Sb.transpose(0, 2, 1), same, sizes)
-    return boot_c, boot_p
+    Q, stratum = _patterns(M)
+    order = np.argsort(stratum, kind="stable")
+    bounds = np.searchsorted(stratum[order], np.arange(len(Q) + 1))
+    cells, sums = [], np.zeros((len(Q), X.shape[1]))
+    for p in range(len(Q)):
+        rows = order[bounds[p]:bounds[p + 1]]
+        imgs, local = np.unique(inv[rows], return_inverse=True)
+        A = per_image_sums(X[rows], local.ravel(), len(imgs))
+        sums[p] = A.sum(axis=0)
+        cells.append((imgs, A.astype(np.float32), np.bincount(local.ravel(), minlength=len(imgs)).astype(np.float32)))
+    S = Q.T @ sums
+    with one_blas_thread():
+        Mf = M.astype(np.float64)
+        overlap = Mf.T @ Mf  # counts: exact in float64
+    value = np.stack(_cosines(S @ S.T, overlap, M.sum(axis=0)))
+
+    def statistic(W: np.ndarray) -> np.ndarray:
+        b, P, d = len(W), len(cells), X.shape[1]
+        Sp, sq, cnt = np.zeros((b, P, d)), np.zeros((b, P)), np.zeros((b, P))
+        WT = np.ascontiguousarray(W.T, dtype=np.float32)  # gathering rows of [n_images, b] beats columns ~10x
+        for p, (imgs, A, c) in enumerate(cells):
+            w = WT[imgs]
+            Sp[:, p], sq[:, p], cnt[:, p] = (A.T @ w).T, c @ (w * w), c @ w
+        Sb = np.einsum("bpd,pg->bgd", Sp, Q)
+        same = np.einsum("bp,pg,ph->bgh", sq, Q, Q)
+        return np.stack(_cosines(Sb @ Sb.transpose(0, 2, 1), same, cnt @ Q), axis=1)
+    return statistic, value
 
 
-def similarity(run: Run, by: str, population: str = "detections", settings: GroupSettings = GroupSettings()) -> pd.DataFrame:
-    """``centroid_cosine`` and ``mean_pairwise_cosine`` for every ordered pair of groups.
+SIMILARITY_METRICS = ("centroid_cosine", "mean_pairwise_cosine", "corrected_cosine")
+
+
+def similarity(run: Run, by: str | Sequence[str], population: str = "detections",
+               settings: GroupSettings = GroupSettings(), where: str | None = None) -> pd.DataFrame:
+    """``centroid_cosine`` (the FACET scripts' cosine of the group means),
+    ``mean_pairwise_cosine`` (self-pairs excluded) and ``corrected_cosine`` (between-group
+    mean pairwise cosine over the geometric mean of the two within-group ones) for every
+    ordered pair of groups.
 
     Exact and linear in the rows: with unit vectors the sum of cosines over the pairs
-    of g x h is S_g . S_h minus one per row in both. Intervals: percentile bootstrap,
-    resampling rows within their membership pattern (``n_boot`` rounds, ``seed``).
+    of g x h is S_g . S_h minus one per row in both. Intervals: image-cluster BCa
+    (acceleration from a 50-block jackknife over images).
     """
-    rows = population_rows(run.meta, population)
-    labels, M = membership(run.meta.iloc[rows], by)
-    X = run.normalised(rows)
-    sizes = M.sum(axis=0)
-    Q, Xs = _strata(M, X)
-    S = Q.T @ np.array([x.sum(axis=0, dtype=np.float64) for x in Xs]).reshape(len(Xs), X.shape[1])  # [G, d]
-    overlap = (M.T.astype(np.int64) @ M.astype(np.int64)).astype(np.float64)  # integer: no BLAS
-    centroid, pairwise = _cosines(S @ S.T, overlap, sizes)
-    boot_c, boot_p = _bootstrap_similarity(np.random.default_rng(settings.seed), settings.n_boot, Q, Xs, sizes)
-
-    params = dict(grouping=by, population=population, n_boot=settings.n_boot, seed=settings.seed,
-                  min_group_size=settings.min_group_size)
-    frames = [
-        _pairs_frame(labels, sizes, name, value, *percentile_interval(boot), settings.min_group_size, **params)
-        for name, value, boot in (("centroid_cosine", centroid, boot_c), ("mean_pairwise_cosine", pairwise, boot_p))
-    ]
-    return pd.concat(frames, ignore_index=True)
+    rows = population_rows(run.meta, population, where)
+    groups = groups_of(run.meta.iloc[rows], by)
+    sizes = groups.M.sum(axis=0)
+    uniq, inv = image_index(run.meta["image_id"].to_numpy()[rows])
+    stat, value = similarity_statistic(groups.M, run.normalised(rows), inv)
+    value, boot, jack = resample(stat, uniq, settings.boot, value=value)
+    lo, hi = bca_interval(value, boot, jack)
+    params = _params(groups, population, where, settings)
+    return pd.concat([_pairs_frame(groups, sizes, name, value[i], lo[i], hi[i], settings.min_group_size, **params)
+                      for i, name in enumerate(SIMILARITY_METRICS)], ignore_index=True)
 
 
-def neighbour_composition(run: Run, by: str, population: str = "detections",
-                          settings: GroupSettings = GroupSettings()) -> pd.DataFrame:
+def neighbour_composition(run: Run, by: str | Sequence[str], population: str = "detections",
+                          settings: GroupSettings = GroupSettings(), where: str | None = None) -> pd.DataFrame:
     """Share of the k nearest neighbours of group g's rows that fall in group h.
 
     Candidates are the population's rows (an IDSelector inside FAISS), never the query
-    itself. ``neighbour_share`` is that share, ``neighbour_ratio`` the share over h's
-    base rate n_h / N (> 1: over-retrieved). At most ``max_queries_per_group`` seeded
-    queries per group; their neighbours are searched once and reused for every (g, h).
-    Intervals: percentile bootstrap over g's queries.
+    itself, and not the query's own photo unless ``same_image_neighbours``.
+    ``neighbour_share`` is that share, ``neighbour_ratio`` the share over h's base rate
+    n_h / N (> 1: over-retrieved). At most ``max_queries_per_group`` seeded queries per
+    group; their neighbours are searched once and reused for every (g, h). Intervals:
+    image-cluster BCa over the population's images (queries come with their photo; the
+    base rate is recomputed in every round).
     """
-    rows = population_rows(run.meta, population)
-    labels, M = membership(run.meta.iloc[rows], by)
-    G, N = len(labels), len(rows)
+    rows = population_rows(run.meta, population, where)
+    groups = groups_of(run.meta.iloc[rows], by)
+    M, G, N = groups.M, len(groups.labels), len(rows)
     rng = np.random.default_rng(settings.seed)
     cap = settings.max_queries_per_group
     sampled = [m if len(m) <= cap else np.sort(rng.choice(m, cap, replace=False))
@@ -226,82 +206,127 @@ def neighbour_composition(run: Run, by: str, population: str = "detections",
     queries = np.unique(np.concatenate(sampled)) if N else np.zeros(0, dtype=np.int64)
     allowed = np.zeros(run.n, dtype=bool)
     allowed[rows] = True
-    _, I = run.neighbours(rows[queries], settings.k, where=allowed)
+    _, I = run.neighbours(rows[queries], settings.k, where=allowed, exclude_same_image=not settings.same_image_neighbours)
     valid = I >= 0
     pos = np.searchsorted(rows, np.where(valid, I, rows[0] if N else 0))
     hits = (M[pos] & valid[..., None]).sum(axis=1)  # [nq, G]: neighbours of q in h
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share_q = hits / valid.sum(axis=1, keepdims=True)
-        base = M.sum(axis=0) / N if N else np.full(G, np.nan)
-
-    share = np.full((G, G), np.nan)
-    lo, hi = np.full((G, G), np.nan), np.full((G, G), np.nan)
-    n_queries = np.array([len(s) for s in sampled])
+    n_valid = valid.sum(axis=1)
+    share_q = hits / np.maximum(n_valid, 1)[:, None]
+    Mq = np.zeros((len(queries), G), dtype=bool)
     for g, s in enumerate(sampled):
-        if len(s) == 0:
-            continue
-        q = share_q[np.searchsorted(queries, s)]  # NaN only in a population of one row
-        share[g] = q.mean(axis=0)
-        W = resample_counts(rng, len(s), settings.n_boot)
-        with _one_blas_thread():
-            lo[g], hi[g] = percentile_interval((W @ q) / len(s))
+        Mq[np.searchsorted(queries, s), g] = True
+    Mq &= (n_valid > 0)[:, None]  # a query without any candidate says nothing
+
+    uniq, inv = image_index(run.meta["image_id"].to_numpy()[rows])
+    qimg = inv[queries]
+    C = per_image_sums(M, inv, len(uniq))  # [n_images, G] rows of each group
+    n_img = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    Mf = Mq.astype(np.float64)
+
+    def statistic(W: np.ndarray) -> np.ndarray:
+        Wq = W[:, qimg]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.einsum("bq,qg,qh->bgh", Wq, Mf, share_q) / (Wq @ Mf)[:, :, None]
+            base = (W @ C) / (W @ n_img)[:, None]
+            return np.stack([share, share / base[:, None, :]], axis=1)
+
+    value, boot, jack = resample(statistic, uniq, settings.boot)
+    lo, hi = bca_interval(value, boot, jack)
+    nq = Mq.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        base = M.sum(axis=0) / N if N else np.full(G, np.nan)
+        # Independent queries: s^2 / n_q of the per-query shares of each (g, h).
+        s2 = (Mf.T @ share_q ** 2) / nq[:, None] - value[0] ** 2
+        deff = np.nanvar(boot[:, 0], axis=0, ddof=1) / (np.maximum(s2, 0) / nq[:, None])
+    deff = np.where(np.isfinite(deff), deff, np.nan)
+    params = _params(groups, population, where, settings, k=settings.k, max_queries_per_group=cap,
+                     same_image_neighbours=settings.same_image_neighbours,
+                     n_queries=np.repeat(nq, G).reshape(G, G), base_rate=np.tile(base, (G, 1)),
+                     share=value[0], design_effect=deff)
     sizes = M.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio, rlo, rhi = share / base, lo / base, hi / base
-    params = dict(grouping=by, population=population, k=settings.k, n_boot=settings.n_boot, seed=settings.seed,
-                  min_group_size=settings.min_group_size, max_queries_per_group=cap,
-                  n_queries=np.repeat(n_queries, G).reshape(G, G), base_rate=np.tile(base, (G, 1)), share=share)
     return pd.concat([
-        _pairs_frame(labels, sizes, "neighbour_share", share, lo, hi, settings.min_group_size, **params),
-        _pairs_frame(labels, sizes, "neighbour_ratio", ratio, rlo, rhi, settings.min_group_size, **params),
+        _pairs_frame(groups, sizes, "neighbour_share", value[0], lo[0], hi[0], settings.min_group_size, **params),
+        _pairs_frame(groups, sizes, "neighbour_ratio", value[1], lo[1], hi[1], settings.min_group_size, **params),
     ], ignore_index=True)
 
 
-def detection_recall(run: Run, by: str, settings: GroupSettings = GroupSettings()) -> pd.DataFrame:
-    """Detected / annotated persons of evaluated images per group (Wilson 95%), and
-    ``recall_gap``: best minus worst non-empty group (Newcombe hybrid score 95%)."""
-    persons = run.persons[_bool(run.persons, "evaluated")]
-    labels, M = membership(persons, by)
-    detected = _bool(persons, "detected")
-    n = M.sum(axis=0)
-    x = (M & detected[:, None]).sum(axis=0)
-    p, lo, hi = wilson(x, n)
-    small = n < settings.min_group_size
-    params = dict(grouping=by, population="persons", min_group_size=settings.min_group_size)
-    out = pd.DataFrame({
-        "group_a": labels, "group_b": "", "metric": "recall", "value": p, "ci_low": lo, "ci_high": hi,
-        "n_a": n.astype(np.int64), "n_b": 0, "small_group": small, **params,
-        "detected_a": x.astype(np.int64), "detected_b": 0,
-    })
-    filled = np.flatnonzero(n > 0)
-    gap = dict.fromkeys(("value", "ci_low", "ci_high"), np.nan)
-    a = b = None
-    if len(filled) >= 2:
-        a = filled[np.argmax(p[filled])]
-        rest = filled[filled != a]
-        # On ties (all recalls equal) the worst is still another group, so the gap of 0
-        # compares two groups rather than one with itself.
-        b = rest[np.argmin(p[rest])]
-        gap = dict(zip(("value", "ci_low", "ci_high"), newcombe_difference(x[a], n[a], x[b], n[b])))
-    row = {
-        "group_a": labels[a] if a is not None else "", "group_b": labels[b] if b is not None else "",
-        "metric": "recall_gap", **gap, "n_a": int(n[a]) if a is not None else 0,
-        "n_b": int(n[b]) if b is not None else 0,
-        "small_group": bool(a is not None and (small[a] or small[b])), **params,
-        "detected_a": int(x[a]) if a is not None else 0, "detected_b": int(x[b]) if b is not None else 0,
-    }
-    return pd.concat([out, pd.DataFrame([row])], ignore_index=True)
+def person_readout(persons: pd.DataFrame, values: np.ndarray, metric: str, by: str | Sequence[str],
+                   settings: GroupSettings, where: str | None = None, counts: bool = False,
+                   **extra: object) -> pd.DataFrame:
+    """A per-person metric (values [len(persons)], finite) by group with every pairwise
+    disparity and the gap (``index.disparity.mean_readout``); ``where`` restricts the
+    persons. The detection audit's ``ar`` / ``recall50`` / ``recall75`` go through here
+    as the threshold recall does. extra: constant columns (e.g. the protocol)."""
+    mask = population_mask(persons, "all", where) if where else np.ones(len(persons), dtype=bool)
+    persons, values = persons[mask], np.asarray(values, dtype=np.float64)[mask]
+    groups = groups_of(persons, by)
+    return mean_readout(groups, values, persons["image_id"].to_numpy(), metric, settings.boot,
+                        settings.min_group_size, settings.include_unknown, settings.include_small, counts=counts,
+                        params=_params(groups, "persons", where, settings, include_unknown=settings.include_unknown,
+                                       include_small=settings.include_small, **extra))
 
 
-def compare(run: Run, by: str, metric: str, population: str | None = None,
-            settings: GroupSettings = GroupSettings()) -> pd.DataFrame:
-    """Dispatch on ``metric``; ``population`` defaults to detections (recall: persons)."""
+def detection_recall(run: Run, by: str | Sequence[str], settings: GroupSettings = GroupSettings(),
+                     where: str | None = None) -> pd.DataFrame:
+    """Threshold recall (a kept detection matched at IoU 0.5) of annotated persons of
+    evaluated images per group, every pairwise difference and ratio with Holm-adjusted
+    p-values, and ``recall_gap`` (``index.disparity``); image-cluster BCa intervals."""
+    persons = run.persons[run.persons["evaluated"].to_numpy(dtype=bool, na_value=False)]
+    detected = persons["detected"].to_numpy(dtype=bool, na_value=False).astype(np.float64)
+    return person_readout(persons, detected, "recall", by, settings, where, counts=True,
+                          protocol=PROTOCOLS["recall"])
+
+
+_AUDITS: "weakref.WeakKeyDictionary[Run, pd.DataFrame]" = weakref.WeakKeyDictionary()
+
+
+def person_audit_of(run: Run) -> pd.DataFrame:
+    """The run's per-person COCO audit (index.audit.run_audit), computed once per opened run."""
+    audit = _AUDITS.get(run)
+    if audit is None:
+        audit = _AUDITS[run] = run_audit(run.run_dir, run.persons)
+    return audit
+
+
+def audit_recall(run: Run, by: str | Sequence[str], metric: str = "ar", settings: GroupSettings = GroupSettings(),
+                 where: str | None = None) -> pd.DataFrame:
+    """COCO AR@100, recall@0.5 or recall@0.75 per group (and ``all``), with every pairwise
+    disparity and the gap, on the image-cluster bootstrap like the threshold recall.
+
+    A group's value is the mean of the per-person value over its persons; persons outside
+    the group (or outside ``where``) stay ground truth of their photo.
+    """
+    if metric not in AUDIT_METRICS:
+        raise ValueError(f"unknown audit metric {metric!r}: choose one of {', '.join(AUDIT_METRICS)}")
+    audit = person_audit_of(run)
+    if (run.manifest.get("filters") or {}).get("where"):
+        # persons.parquet then holds only the selected persons: the others are missing from the ground truth
+        log.warning("%s was extracted with --where %r: persons outside the filter are not ground truth, so AR "
+                    "can be too high; extract without --where for the COCO protocol", run.run_dir,
+                    run.manifest["filters"]["where"])
+    persons = run.persons.set_index("person_id").loc[audit["person_id"].to_numpy()].reset_index()
+    return person_readout(persons, audit[metric].to_numpy(), metric, by, settings, where,
+                          protocol=PROTOCOLS[metric])
+
+
+def compare(run: Run, by: str | Sequence[str], metric: str, population: str | None = None,
+            settings: GroupSettings = GroupSettings(), where: str | None = None) -> pd.DataFrame:
+    """Dispatch on ``metric``; ``population`` defaults to detections (recall: persons).
+    ``by``: a grouping or a list of them (their intersection); ``where``: a condition
+    on the rows (``index.where.evaluate_where``) restricting the population."""
+    by_names(by)
     if metric == "similarity":
-        return similarity(run, by, population or "detections", settings)
+        return similarity(run, by, population or "detections", settings, where)
     if metric == "neighbours":
-        return neighbour_composition(run, by, population or "detections", settings)
+        return neighbour_composition(run, by, population or "detections", settings, where)
     if metric == "recall":
         if population not in (None, "persons"):
             raise ValueError(f"recall counts annotated persons of evaluated images: population must be 'persons', not {population!r}")
-        return detection_recall(run, by, settings)
+        return detection_recall(run, by, settings, where)
+    if metric in AUDIT_METRICS:
+        if population not in (None, "persons"):
+            raise ValueError(f"{metric} counts annotated persons of evaluated images: population must be 'persons', "
+                             f"not {population!r}")
+        return audit_recall(run, by, metric, settings, where)
     raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")

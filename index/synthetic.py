@@ -4,9 +4,11 @@
 clustered 256-d embeddings (a mixture of Gaussians, each cluster spread along a few
 directions like real embeddings, plus a shared per-image offset and a mild shift
 along a tone and a lighting direction), FACET-like annotator counts turned into the
-group columns by ``extractor.groups.derive_groups``, and images / persons /
-detections tables that agree with each other. Darker tones and dim lighting are
-missed a little more often, so every read-out has some structure to show.
+group columns by ``extractor.groups.derive_groups``, images / persons /
+detections tables that agree with each other, and every query's prediction of the ok
+images (100 per image) from the planted detection model of ``index.planted``: darker
+tones and dim lighting are found less often and localised worse, photos are easy or
+hard as a whole (an image effect), and the truth goes into the manifest's ``planted``.
 """
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import special
 
 from extractor.groups import (
     AGE_COLUMNS, ATTRIBUTE_COLUMNS, GENDER_COLUMNS, LIGHTING_COLUMNS, LIGHTING_NA_COLUMN,
     SKIN_COLUMNS, SKIN_NA_COLUMN, derive_groups,
 )
 from extractor.rundir import NUM_QUERIES, Manifest, write_run
+from index.audit import IOU_THRESHOLDS
+from index.planted import PlantedEffects, found_logit, iou_params, planted_truth, scaled_boxes
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +119,92 @@ def _boxes(rng: np.random.Generator, w: np.ndarray, h: np.ndarray) -> np.ndarray
     return np.stack([x1, y1, x1 + bw, y1 + bh], axis=1).astype(np.float32)
 
 
-def _jitter(rng: np.random.Generator, box: np.ndarray, amount: float, w: np.ndarray, h: np.ndarray) -> np.ndarray:
-    wh = box[:, 2:] - box[:, :2]
-    out = box + rng.uniform(-amount, amount, box.shape) * np.concatenate([wh, wh], axis=1)
-    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, w[:, None])
-    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, h[:, None])
-    out[:, 2:] = np.maximum(out[:, 2:], out[:, :2] + 1)
-    return out.astype(np.float32)
+def _person_boxes(rng: np.random.Generator, image: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Annotated boxes [n, 4] of persons on sorted ``image`` ids, side by side without
+    overlap (each in its own vertical strip of the photo), so that no detection of one
+    person can match a neighbour and the planted truth holds exactly."""
+    k = np.arange(len(image)) - np.searchsorted(image, image)
+    n = np.bincount(image)[image]
+    strip = w / n
+    bw, bh = strip * rng.uniform(0.5, 0.95, len(w)), h * rng.uniform(0.2, 0.8, len(h))
+    x1 = k * strip + rng.uniform(0, 1, len(w)) * (strip - bw)
+    y1 = rng.uniform(0, 1, len(h)) * (h - bh)
+    return np.stack([x1, y1, x1 + bw, y1 + bh], axis=1).astype(np.float32)
+
+
+def _tiny_boxes(rng: np.random.Generator, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Boxes of 1% of the image side: IoU < 0.05 with any annotated person."""
+    x1, y1 = rng.uniform(0, 0.99, len(w)) * w, rng.uniform(0, 0.99, len(h)) * h
+    return np.stack([x1, y1, x1 + 0.01 * w, y1 + 0.01 * h], axis=1).astype(np.float32)
+
+
+def _plant(rng: np.random.Generator, effects: PlantedEffects, persons: pd.DataFrame, person_image: np.ndarray,
+           gt: np.ndarray, row_image: np.ndarray, row_person: np.ndarray, query_idx: np.ndarray,
+           image_w: np.ndarray, image_h: np.ndarray, n_images: int) -> dict:
+    """Per row its box and score, per evaluated person whether the run detected them, and
+    the predictions of the ``n_images`` ok images (100 queries each); see index.planted.
+
+    Rows of an image hold queries [s, s + n) (s = 7 * image mod 100, ``query_idx``); a
+    found person's duplicate takes s + 50 + k and the low-score false positives s + 25 + j,
+    so they never collide while an image has at most 25 rows (images with more get neither).
+    """
+    n_people = len(persons)
+    u = rng.standard_normal(n_images)
+    found = rng.random(n_people) < special.expit(found_logit(effects, persons) + effects.image_sd * u[person_image])
+    a, b = iou_params(effects, persons)
+    q = rng.beta(a, b)
+    iou = np.where(found, q, rng.uniform(0.1, 0.45, n_people))  # the missed get a badly placed query
+    # Grown boxes only at IoU >= 0.7: the part outside the person is then under 30% of the
+    # box, too little to reach IoU 0.5 with a neighbour; shrunk boxes stay inside the person.
+    p_box = scaled_boxes(gt, iou, inside=(rng.random(n_people) < 0.5) | (iou < 0.7))
+    p_score = rng.beta(effects.score_a, effects.score_b, n_people)
+    # A kept detection that matches nobody would leave its person a fallback row: keep the
+    # run's invariant (a person's row is kept iff matched) by scoring such queries below the threshold.
+    p_score = np.where(found & (q >= 0.5), p_score, p_score * THRESHOLD).astype(np.float32)
+    detected = p_score >= THRESHOLD
+
+    n_rows = len(row_image)
+    is_person = row_person >= 0
+    pr = row_person[is_person]
+    boxes = _tiny_boxes(rng, image_w[row_image].astype(float), image_h[row_image].astype(float))
+    score = rng.uniform(THRESHOLD, 1.0, n_rows).astype(np.float32)  # rows of nobody: kept false positives
+    boxes[is_person], score[is_person] = p_box[pr], p_score[pr]
+
+    # Background queries: other classes, anywhere.
+    n_q = 100 * n_images
+    q_image = np.repeat(np.arange(n_images), 100)
+    w, h = image_w[q_image].astype(float), image_h[q_image].astype(float)
+    box = _boxes(rng, w, h)
+    label = rng.integers(2, 91, n_q)
+    label_score = rng.uniform(0.05, 0.6, n_q).astype(np.float32)
+    p_person = (label_score * rng.uniform(0, 0.5, n_q)).astype(np.float32)
+
+    def put(at: np.ndarray, b: np.ndarray, sc: np.ndarray) -> None:
+        box[at], label[at], label_score[at], p_person[at] = b, 1, sc, sc
+
+    rows_per_image = np.bincount(row_image, minlength=n_images)
+    room = rows_per_image <= 25
+    put(row_image * 100 + query_idx, boxes, score)
+    dup = is_person.copy()
+    dup[is_person] = found[pr] & (rng.random(len(pr)) < effects.duplicate_rate)
+    dup &= room[row_image]
+    dp = row_person[dup]
+    dup_iou = q[dp] * rng.uniform(0.3, 0.9, len(dp))
+    put(row_image[dup] * 100 + (query_idx[dup] + 50) % 100,
+        scaled_boxes(gt[dp], dup_iou, (rng.random(len(dp)) < 0.5) | (dup_iou < 0.7)),
+        (p_score[dp] * rng.uniform(0.05, 0.5, len(dp))).astype(np.float32))
+    k = np.where(room, np.minimum(rng.poisson(effects.false_positives, n_images), 25), 0)
+    fp_image = np.repeat(np.arange(n_images), k)
+    j = np.arange(len(fp_image)) - np.repeat(np.cumsum(k) - k, k)
+    put(fp_image * 100 + (7 * fp_image + 25 + j) % 100,
+        _tiny_boxes(rng, image_w[fp_image].astype(float), image_h[fp_image].astype(float)),
+        rng.uniform(0.01, 0.3, len(fp_image)).astype(np.float32))
+    predictions = pd.DataFrame({
+        "image_id": q_image.astype(np.int64), "query_idx": np.tile(np.arange(100, dtype=np.int16), n_images),
+        **{c: box[:, i].astype(np.float32) for i, c in enumerate(("x1", "y1", "x2", "y2"))},
+        "p_person": p_person, "label": label.astype(np.int16), "label_score": label_score,
+    })
+    return {"boxes": boxes, "score": score, "person_detected": detected, "predictions": predictions}
 
 
 def _nullable(values: np.ndarray, valid: np.ndarray) -> pd.arrays.IntegerArray:
@@ -136,8 +220,15 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: int = 256,
-                        n_clusters: int | None = None, group_shift: float = 0.25) -> Path:
-    """Write a complete synthetic run of ``n_rows`` embeddings to ``run_dir``."""
+                        n_clusters: int | None = None, group_shift: float = 0.25,
+                        effects: PlantedEffects = PlantedEffects(), detection_seed: int | None = None) -> Path:
+    """Write a complete synthetic run of ``n_rows`` embeddings to ``run_dir``.
+
+    ``seed`` fixes the dataset (images, persons, attributes, boxes, embeddings);
+    ``detection_seed`` (default: derived from ``seed``) and ``effects`` fix the planted
+    detections, so several runs of one dataset can carry different effects. The
+    manifest's ``planted`` holds the truth (index.planted).
+    """
     if n_rows < 2:
         raise ValueError(f"a synthetic run needs at least 2 rows, got {n_rows}")
     run_dir = Path(run_dir)
@@ -160,28 +251,29 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
     n_persons = len(person_image)
     attrs = _person_attributes(rng, n_persons)
 
-    # Darker tones and dim light are missed more often (structure for the recall read-out).
-    tone = attrs["mst_mode"].to_numpy(dtype=float, na_value=0)
-    p_miss = 0.12 + 0.08 * (tone >= 7) + 0.1 * attrs["lighting_dimly_lit"].to_numpy()
-    person_detected = rng.random(n_persons) < 1 - p_miss
     person_evaluated = np.arange(n_persons) < n_people
-    person_detected &= person_evaluated
     person_row = np.full(n_persons, -1, dtype=np.int64)
     person_row[:n_people] = np.flatnonzero(is_person)
     row_person = np.full(n_rows, -1, dtype=np.int64)
     row_person[is_person] = np.arange(n_people)
-
     pw, ph = image_w[person_image], image_h[person_image]
-    gt = _boxes(rng, pw.astype(float), ph.astype(float))
-    rw, rh = image_w[row_image], image_h[row_image]
-    boxes = _boxes(rng, rw.astype(float), rh.astype(float))
+    gt = _person_boxes(rng, person_image, pw.astype(float), ph.astype(float))
+    query_idx = (np.arange(n_rows) - np.searchsorted(row_image, row_image) + 7 * row_image) % 100
+
+    # Detections from their own seed: one dataset, several planted detection effects.
+    drng = np.random.default_rng(np.random.SeedSequence([seed, 0xD7]) if detection_seed is None else detection_seed)
+    det = _plant(drng, effects, attrs.iloc[:n_people].reset_index(drop=True), person_image[:n_people], gt[:n_people],
+                 row_image, row_person, query_idx, image_w, image_h, n_images)
+    boxes, score, predictions = det["boxes"], det["score"], det["predictions"]
+    person_detected = np.zeros(n_persons, dtype=bool)
+    person_detected[:n_people] = det["person_detected"]
     pr = row_person[is_person]
-    boxes[is_person] = _jitter(rng, gt[pr], np.where(person_detected[pr], 0.05, 0.4)[:, None], rw[is_person], rh[is_person])
     iou = np.full(n_rows, np.nan, dtype=np.float32)
     iou[is_person] = _iou(boxes[is_person], gt[pr])
-    row_detected = np.where(is_person, person_detected[np.maximum(row_person, 0)], True)
+    row_detected = score >= THRESHOLD
     matched = is_person & row_detected
-    score = np.where(row_detected, rng.uniform(THRESHOLD, 1.0, n_rows), rng.uniform(0.0, THRESHOLD, n_rows)).astype(np.float32)
+    assert np.array_equal(row_detected[is_person], person_detected[pr])
+    tone = attrs["mst_mode"].to_numpy(dtype=float, na_value=0)
 
     # Embeddings: cluster structure + per-image context + mild group shift.
     xb, _ = clustered_vectors(n_rows, dim, n_clusters, rng)
@@ -195,7 +287,6 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
     filenames = np.array([f"sa_{i:07d}.jpg" for i in range(n_images + n_failed)], dtype=object)
     nobody = derive_groups(pd.DataFrame({c: [0] for c in SKIN_COLUMNS + LIGHTING_COLUMNS + GENDER_COLUMNS + AGE_COLUMNS}))
     row_attrs = pd.concat([attrs, nobody], ignore_index=True).iloc[np.where(is_person, row_person, n_persons)]
-    query_idx = (np.arange(n_rows) - np.searchsorted(row_image, row_image) + 7 * row_image) % 100
     detections = pd.DataFrame({
         "det_id": np.arange(n_rows, dtype=np.int64), "image_id": row_image.astype(np.int64),
         "filename": filenames[row_image], "query_idx": query_idx.astype(np.int16), "score": score,
@@ -233,8 +324,11 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
         checkpoint={"name": "synthetic", "untrained": True, "sha256": None},
         model={"name": "synthetic", "num_queries": NUM_QUERIES},
         dataset={"format": "synthetic", "root": None},
-        settings={"n_rows": n_rows, "seed": seed, "dim": dim, "n_clusters": n_clusters, "group_shift": group_shift},
+        settings={"n_rows": n_rows, "seed": seed, "dim": dim, "n_clusters": n_clusters, "group_shift": group_shift,
+                  "detection_seed": detection_seed, "planted_effects": effects.as_dict()},
+        planted=planted_truth(effects, persons[person_evaluated].reset_index(drop=True), IOU_THRESHOLDS, THRESHOLD),
     )
-    write_run(run_dir, manifest, images=images, persons=persons, detections=detections, embeddings=xb)
+    write_run(run_dir, manifest, images=images, persons=persons, detections=detections, embeddings=xb,
+              predictions=predictions)
     log.info("wrote a synthetic run of %d rows to %s", n_rows, run_dir)
     return run_dir

@@ -10,8 +10,8 @@ import pytest
 from scipy.stats import binomtest
 
 from index import GROUPINGS, BuildSettings, GroupSettings, build_index, load_run, membership, write_synthetic_run
-from index.groups import detection_recall, neighbour_composition, similarity
-from index.stats import newcombe_difference, resample_counts, wilson
+from index.groups import compare, detection_recall, neighbour_composition, similarity
+from index.stats import newcombe_difference, wilson
 
 # Tiny fixture: 60 rows, all matched. mst_any: tone 1 = rows 0-19, tone 2 = rows 10-29
 # (overlapping tone 1), tone 3 = rows 30-39, tone 10 = row 40 alone, tones 4-9 empty,
@@ -87,11 +87,12 @@ def test_similarity_matches_double_loop(tiny):
     df = similarity(tiny, "mst_any", settings=GroupSettings(n_boot=50))
     v = _unit(tiny)
     groups = _groups()
-    assert len(df) == 2 * 11 * 11
+    assert len(df) == 3 * 11 * 11
+    pairwise = {}
     for a, ga in groups.items():
         for b, gb in groups.items():
             pair = [float(v[i] @ v[j]) for i in ga for j in gb if i != j]
-            want = np.mean(pair) if pair else np.nan
+            want = pairwise[a, b] = np.mean(pair) if pair else np.nan
             got = _value(df, "mean_pairwise_cosine", a, b)
             np.testing.assert_allclose(got.value, want, atol=1e-5, equal_nan=True)
             assert (got.n_a, got.n_b) == (len(ga), len(gb))
@@ -101,6 +102,12 @@ def test_similarity_matches_double_loop(tiny):
                 assert _value(df, "centroid_cosine", a, b).value == pytest.approx(cos, abs=1e-5)
             else:
                 assert np.isnan(_value(df, "centroid_cosine", a, b).value)
+    for a in groups:
+        for b in groups:
+            want = pairwise[a, b] / np.sqrt(pairwise[a, a] * pairwise[b, b])
+            np.testing.assert_allclose(_value(df, "corrected_cosine", a, b).value, want, atol=1e-5, equal_nan=True)
+    v = df.dropna(subset=["value"])
+    assert ((v.ci_low <= v.value + 1e-12) & (v.value <= v.ci_high + 1e-12)).all()
 
 
 def test_group_of_one_and_empty_group(tiny):
@@ -110,34 +117,37 @@ def test_group_of_one_and_empty_group(tiny):
     assert _value(df, "centroid_cosine", "10", "10").value == pytest.approx(1.0)
     assert np.isfinite(_value(df, "mean_pairwise_cosine", "10", "1").value)
     empty = df[(df.group_a == "5")]
-    assert len(empty) == 2 * 11 and (empty.n_a == 0).all() and empty[["value", "ci_low", "ci_high"]].isna().all().all()
+    assert len(empty) == 3 * 11 and (empty.n_a == 0).all() and empty[["value", "ci_low", "ci_high"]].isna().all().all()
 
 
 def test_bootstrap_round_matches_explicit_resample(tiny):
-    """One bootstrap round, redrawn with the same generator, against a double loop over
-    the resampled multisets (pairs of the same row excluded). Rows are drawn within
-    their membership pattern, so rows 10-19 (tones 1 and 2) carry one weight in both."""
+    """One round's image weights, redrawn by the engine, against a double loop over the
+    resampled multisets (every row of an image drawn w times; pairs of a row with its own
+    copies excluded). With n_boot = 1 the interval collapses to that round and the estimate."""
+    from index.bootstrap import BootSettings, image_weights
     seed = 5
     df = similarity(tiny, "mst_any", settings=GroupSettings(n_boot=1, seed=seed))
-    _, M = membership(tiny.meta, "mst_any")
-    patterns, stratum = np.unique(M, axis=0, return_inverse=True)
-    rng = np.random.default_rng(seed)
-    weight = np.zeros(60, dtype=int)
-    for p in range(len(patterns)):
-        rows = np.flatnonzero(stratum.ravel() == p)
-        weight[rows] = resample_counts(rng, len(rows), 1)[0].astype(int)
-    assert weight[0:10].sum() == 10 and weight[10:20].sum() == 10 and weight[40] == 1
+    ids = tiny.meta["image_id"].to_numpy()
+    uniq = np.unique(ids)
+    w_img = next(image_weights(uniq, BootSettings(n_boot=1, seed=seed)))[0].astype(int)
+    weight = w_img[np.searchsorted(uniq, ids)]
     groups = _groups()
     v = _unit(tiny)
     for a, b in (("1", "2"), ("1", "1"), ("2", "3"), ("10", "1")):
-        bag_a = [i for i in groups[a] for _ in range(weight[i])]
-        bag_b = [j for j in groups[b] for _ in range(weight[j])]
-        pair = [float(v[i] @ v[j]) for i in bag_a for j in bag_b if i != j]
-        got = _value(df, "mean_pairwise_cosine", a, b)
-        assert got.ci_low == pytest.approx(np.mean(pair), abs=1e-5) and got.ci_high == got.ci_low
-        ma, mb = v[bag_a].mean(axis=0), v[bag_b].mean(axis=0)
+        bag_a = [(i, c) for i in groups[a] for c in range(weight[i])]
+        bag_b = [(j, c) for j in groups[b] for c in range(weight[j])]
+        if not bag_a or not bag_b:
+            continue
+        pair = [float(v[i] @ v[j]) for i, _ in bag_a for j, _ in bag_b if i != j]
+        boot = np.mean(pair) if pair else np.nan
+        est = _value(df, "mean_pairwise_cosine", a, b)
+        got = est.ci_low if boot <= est.value else est.ci_high  # the end away from the estimate
+        assert got == pytest.approx(boot, abs=1e-5)
+        ma = v[[i for i, _ in bag_a]].mean(axis=0)
+        mb = v[[j for j, _ in bag_b]].mean(axis=0)
         cos = ma @ mb / np.linalg.norm(ma) / np.linalg.norm(mb)
-        assert _value(df, "centroid_cosine", a, b).ci_low == pytest.approx(cos, abs=1e-5)
+        row = _value(df, "centroid_cosine", a, b)
+        assert (row.ci_low if cos <= row.value else row.ci_high) == pytest.approx(cos, abs=1e-5)
 
 
 def test_groups_with_the_same_members_stay_identical_in_every_round(tiny):
@@ -147,6 +157,7 @@ def test_groups_with_the_same_members_stay_identical_in_every_round(tiny):
     df = similarity(twin, "mst_any", settings=GroupSettings(n_boot=200))
     row = _value(df, "centroid_cosine", "3", "4")
     assert row.value == pytest.approx(1.0) and row.ci_low == pytest.approx(1.0) and row.ci_high == pytest.approx(1.0)
+    assert _value(df, "corrected_cosine", "3", "4").ci_low == pytest.approx(1.0)
     assert _value(df, "mean_pairwise_cosine", "3", "4").ci_low == pytest.approx(_value(df, "mean_pairwise_cosine", "3", "3").ci_low)
 
 
@@ -167,8 +178,17 @@ def test_neighbour_composition_matches_hand_count(tiny):
     v = _unit(tiny)
     groups = _groups()
     sims = v @ v.T
-    np.fill_diagonal(sims, -np.inf)
+    image = tiny.meta["image_id"].to_numpy()
+    sims[image[:, None] == image[None, :]] = -np.inf  # the query's own photo, itself included
     nbrs = np.argsort(-sims, axis=1)[:, :k]
+    keep = neighbour_composition(tiny, "mst_any", settings=GroupSettings(k=k, n_boot=50, same_image_neighbours=True))
+    sims_all = v @ v.T
+    np.fill_diagonal(sims_all, -np.inf)
+    nbrs_all = np.argsort(-sims_all, axis=1)[:, :k]
+    for a, ga in groups.items():
+        if ga:
+            want = np.mean([np.isin(nbrs_all[q], groups["1"]).mean() for q in ga])
+            assert _value(keep, "neighbour_share", a, "1").value == pytest.approx(want, abs=1e-9)
     for a, ga in groups.items():
         for b, gb in groups.items():
             row = _value(df, "neighbour_share", a, b)
@@ -184,6 +204,13 @@ def test_neighbour_composition_matches_hand_count(tiny):
                 assert ratio.ci_low <= ratio.value + 1e-9 and ratio.ci_high >= ratio.value - 1e-9
             else:
                 assert np.isnan(ratio.value)
+
+
+def test_neighbour_design_effect_over_independent_queries(tiny):
+    df = neighbour_composition(tiny, "mst_band", settings=GroupSettings(k=3, n_boot=400))
+    row = _value(df, "neighbour_share", "lighter", "medium")
+    assert np.isfinite(row.design_effect) and 0.2 < row.design_effect < 10
+    assert (df[df.metric == "neighbour_share"].design_effect.dropna() >= 0).all()
 
 
 def test_neighbour_queries_are_capped_per_group(tiny):
@@ -222,30 +249,61 @@ def test_newcombe_matches_published_examples():
     assert (round(float(lo), 4), round(float(hi), 4)) == (0.1705, 0.8090)
 
 
-def _persons(groups: dict) -> SimpleNamespace:
+def _persons(groups: dict, per_image: int = 1) -> SimpleNamespace:
     rows = []
     for tone, (n, detected) in groups.items():
         rows += [{"mst_mode": tone, "evaluated": True, "detected": i < detected} for i in range(n)]
     rows += [{"mst_mode": 1, "evaluated": False, "detected": False}] * 7  # failed image: never counted
-    return SimpleNamespace(persons=pd.DataFrame(rows).astype({"mst_mode": "Int8"}))
+    frame = pd.DataFrame(rows).astype({"mst_mode": "Int8"})
+    frame["image_id"] = np.arange(len(frame)) // per_image
+    return SimpleNamespace(persons=frame)
 
 
 def test_recall_per_group_and_gap():
-    run = _persons({1: (70, 56), 2: (80, 48), 10: (1, 1), None: (12, 9)})
-    df = detection_recall(run, "mst_mode", GroupSettings(min_group_size=30))
+    run = _persons({1: (70, 56), 2: (80, 48), 10: (1, 1), None: (12, 11)})
+    df = detection_recall(run, "mst_mode", GroupSettings(min_group_size=30, n_boot=2000))
     per = df[df.metric == "recall"].set_index("group_a")
     assert per.loc["1", "n_a"] == 70 and per.loc["1", "detected_a"] == 56 and per.loc["1", "value"] == 0.8
-    assert per.loc["unknown", "n_a"] == 12 and per.loc["unknown", "value"] == 0.75
+    assert per.loc["unknown", "n_a"] == 12 and per.loc["unknown", "value"] == pytest.approx(11 / 12)
     assert per.loc["5", "n_a"] == 0 and np.isnan(per.loc["5", "value"]) and bool(per.loc["5", "small_group"])
+    assert per.loc["10", "ci_low"] == per.loc["10", "ci_high"] == 1.0  # one person: no spread, still contains
+    # One person per photo: the cluster bootstrap is the ordinary one, close to Wilson, design effect ~1.
     ci = binomtest(48, 80).proportion_ci(method="wilson")
-    assert (per.loc["2", "ci_low"], per.loc["2", "ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert (per.loc["2", "ci_low"], per.loc["2", "ci_high"]) == pytest.approx((ci.low, ci.high), abs=0.02)
+    assert 0.8 < per.loc["2", "design_effect"] < 1.2 and per.loc["2", "n_images_a"] == 80
     gap = df[df.metric == "recall_gap"].iloc[0]
-    # Best is the group of one (recall 1.0); worst is tone 2.
-    assert (gap.group_a, gap.group_b, gap.n_a, gap.n_b) == ("10", "2", 1, 80) and bool(gap.small_group)
-    two = detection_recall(_persons({1: (70, 56), 2: (80, 48)}), "mst_mode")
-    g = two[two.metric == "recall_gap"].iloc[0]
-    assert (g.group_a, g.group_b) == ("1", "2")
-    assert (round(g.value, 4), round(g.ci_low, 4), round(g.ci_high, 4)) == (0.2, 0.0524, 0.3339)
+    # The group of one and unknown are out of the choice: best tone 1, worst tone 2.
+    assert (gap.group_a, gap.group_b, gap.n_a, gap.n_b, gap.family_size) == ("1", "2", 70, 80, 2)
+    lo, hi = newcombe_difference(56, 70, 48, 80)[1:]
+    assert gap.value == pytest.approx(0.2) and (gap.ci_low, gap.ci_high) == pytest.approx((lo, hi), abs=0.03)
+    wide = detection_recall(run, "mst_mode", GroupSettings(min_group_size=30, include_unknown=True, include_small=True))
+    g = wide[wide.metric == "recall_gap"].iloc[0]
+    assert (g.group_a, g.group_b, g.family_size) == ("unknown", "2", 3)  # n = 1 is never in the choice
+
+
+def test_recall_pairwise_differences_with_holm():
+    run = _persons({1: (300, 270), 2: (300, 240), 3: (300, 238), None: (5, 5)}, per_image=3)
+    df = detection_recall(run, "mst_mode", GroupSettings(n_boot=2000))
+    diff = df[df.metric == "recall_difference"].set_index(["group_a", "group_b"])
+    assert len(diff) == 11 * 10 // 2
+    assert diff.loc[("1", "2"), "value"] == pytest.approx(0.1)
+    fam = diff[diff.in_family]
+    assert len(fam) == 3 and (fam.family_size == 3).all()  # tones 1-3; empty, small and unknown are out
+    p = fam.p_value.to_numpy()
+    order = np.argsort(p)
+    want = np.minimum(np.maximum.accumulate((3 - np.arange(3)) * p[order]), 1)
+    np.testing.assert_allclose(fam.p_holm.to_numpy()[order], want)
+    # Detected and missed persons sit in whole photos of three: the design effect is ~3
+    # and the evidence weaker than with one person per photo.
+    assert 0.005 < fam.loc[("1", "2"), "p_value"] < 0.1 and fam.loc[("2", "3"), "p_value"] > 0.5
+    alone = detection_recall(_persons({1: (300, 270), 2: (300, 240)}), "mst_mode", GroupSettings(n_boot=2000))
+    assert alone.set_index(["metric", "group_a", "group_b"]).loc[("recall_difference", "1", "2"), "p_value"] < 0.005
+    assert (df[df.metric == "recall"].set_index("group_a").loc[["1", "2"], "design_effect"] > 2).all()
+    assert diff[~diff.in_family].p_holm.isna().all()
+    ratio = df[df.metric == "recall_ratio"].set_index(["group_a", "group_b"])
+    assert ratio.loc[("1", "2"), "value"] == pytest.approx(0.9 / 0.8)
+    assert (ratio.loc[("1", "2"), "ci_low"] > 1) and diff.loc[("1", "2"), "ci_low"] > 0
+    assert np.isnan(diff.loc[("1", "5"), "value"])  # empty group: row kept, NaN
 
 
 def test_recall_gap_with_one_group_is_nan():
@@ -258,7 +316,10 @@ def test_recall_on_synthetic_run_counts_every_evaluated_person(tiny):
     df = detection_recall(tiny, "mst_band")
     per = df[df.metric == "recall"]
     evaluated = tiny.persons.evaluated.sum()
-    assert per.n_a.sum() == evaluated and "unknown" in per.group_a.tolist()
+    assert per[per.group_a != "all"].n_a.sum() == evaluated and "unknown" in per.group_a.tolist()
+    everyone = per[per.group_a == "all"].iloc[0]
+    assert everyone.n_a == evaluated and everyone.value == pytest.approx(tiny.persons.detected[tiny.persons.evaluated].mean())
+    assert not everyone.in_family and "all" not in set(df[df.metric == "recall_difference"].group_a)
 
 
 def test_empty_population_gives_rows_with_n_zero(tiny):
@@ -269,3 +330,26 @@ def test_empty_population_gives_rows_with_n_zero(tiny):
     for df in (similarity(nobody, "mst_any", settings=GroupSettings(n_boot=20)),
                neighbour_composition(nobody, "mst_any", settings=GroupSettings(n_boot=20, k=3))):
         assert len(df) and (df.n_a == 0).all() and df.value.isna().all()
+
+
+@pytest.mark.parametrize("by", ["mst_any", ["mst_band", "lighting"]])
+def test_every_interval_contains_its_estimate(tiny, by):
+    s = GroupSettings(k=3, n_boot=100, min_group_size=2)
+    for metric in ("similarity", "neighbours", "recall"):
+        df = compare(tiny, by, metric, settings=s)
+        v = df.dropna(subset=["value"])
+        assert len(v) and ((v.ci_low <= v.value) & (v.value <= v.ci_high)).all(), metric
+        assert (df.rule == ("overlapping")).all()
+
+
+def test_where_restricts_every_readout(tiny):
+    s = GroupSettings(k=3, n_boot=20)
+    where = "class1 in ['doctor', 'nurse', 'chef']"
+    keep = tiny.meta.eval(where).to_numpy()
+    sim = compare(tiny, "mst_band", "similarity", settings=s, where=where)
+    assert (sim["where"] == where).all()
+    n = sim[(sim.metric == "centroid_cosine") & (sim.group_a == sim.group_b)].n_a.sum()
+    assert n == (keep & tiny.meta.matched.to_numpy()).sum()
+    rec = compare(tiny, "mst_band", "recall", settings=s, where=where)
+    persons = tiny.persons[tiny.persons.evaluated & tiny.persons.eval(where)]
+    assert rec[(rec.metric == "recall") & (rec.group_a != "all")].n_a.sum() == len(persons)

@@ -5,6 +5,9 @@ import functools
 import io
 import json
 import os
+import shutil
+import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -31,6 +34,17 @@ def _app(page: str | None = None) -> AppTest:
 
 def _no_exception(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
+
+
+def _rerun_until(at: AppTest, done, what: str, timeout: float = 180) -> None:
+    """Run the script again until ``done(at)``: background jobs finish between runs."""
+    deadline = time.monotonic() + timeout
+    while not done(at):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.3)
+        at.run()
+        _no_exception(at)
 
 
 def _charts(at: AppTest) -> list[dict]:
@@ -78,7 +92,7 @@ def test_without_runs_the_demo_is_one_click_away(tmp_path, monkeypatch):
     assert any("python -m extractor run" in m.value for m in at.markdown)
     at.button[0].click().run()
     _no_exception(at)
-    assert at.title[0].value == "Overview"
+    _rerun_until(at, lambda a: a.title[0].value == "Overview", "the demo to be built and opened")
     assert (tmp_path / "runs" / "demo" / "index" / "manifest.json").is_file()
     assert (tmp_path / "data" / "demo" / "annotations.csv").is_file()
     assert at.session_state[ui_app.RUN_KEY] == "demo"
@@ -95,6 +109,16 @@ def test_overview_grouping_drives_the_charts(ui_runs_env):
     assert len(after[0]["data"][0]["x"]) == 11 != len(before[0]["data"][0]["x"])
 
 
+def test_overview_detection_metric_switches_protocol(ui_runs_env):
+    at = _app("overview")
+    assert at.selectbox(key="overview_metric").value == "ar"
+    assert any("COCO AR@100" in c.value for c in at.caption)
+    at.selectbox(key="overview_metric").set_value("recall").run()
+    _no_exception(at)
+    assert any("kept detection" in c.value for c in at.caption)
+    assert _charts(at)[1]["data"][0]["x"][-1].startswith("all")
+
+
 def test_group_comparison_grouping_changes_the_matrix(ui_runs_env):
     at = _app("groups")
     assert at.selectbox(key="grp_population").value == "persons"  # the untrained demo matches nobody
@@ -108,6 +132,21 @@ def test_group_comparison_grouping_changes_the_matrix(ui_runs_env):
     assert {d.label for d in at.get("download_button")} == {"similarity (CSV)", "neighbours (CSV)", "recall (CSV)"}
     at.selectbox(key="grp_population").set_value("detections").run()
     _no_exception(at)
+
+
+def test_group_comparison_cells_and_where(ui_runs_env):
+    at = _app("groups")
+    at.selectbox(key="grp_by2").set_value("lighting").run()
+    _no_exception(at)
+    titles = [c["layout"]["title"]["text"] for c in _charts(at)]
+    assert any(t.startswith("recall by mst_band and lighting") for t in titles)
+    cells = next(c for c in _charts(at) if c["layout"]["title"]["text"].startswith("recall by"))["data"][0]
+    assert cells["type"] == "heatmap" and "design effect" in cells["hovertemplate"]
+    assert any("Pairwise disparities" in e.label for e in at.expander)
+    at.text_input(key="grp_where").set_value("class1 == 'nobody'").run()
+    _no_exception(at)
+    at.text_input(key="grp_where").set_value("no_such_column > 1").run()
+    assert any("unknown column" in e.value for e in at.error)
 
 
 def test_similar_from_a_run_image_and_filters(ui_runs_env):
@@ -153,6 +192,7 @@ def test_similar_from_an_upload(ui_runs_env):
 
 def test_embedding_map_pca_colours_and_tsne(ui_runs_env):
     at = _app("map")
+    _rerun_until(at, lambda a: bool(_charts(a)), "the PCA map")  # a background job, quick unless the machine is busy
     fig = _charts(at)[0]
     assert {t["type"] for t in fig["data"]} == {"scattergl"}
     names = [t["name"] for t in fig["data"]]
@@ -163,7 +203,7 @@ def test_embedding_map_pca_colours_and_tsne(ui_runs_env):
     at.slider(key="map_perp").set_value(5.0)
     at.button[0].click().run()  # the form's submit button
     _no_exception(at)
-    assert any("t-SNE" in c.value for c in at.caption)
+    _rerun_until(at, lambda a: any("t-SNE" in c.value for c in a.caption), "the t-SNE map")
     assert any(d.label.startswith("Map coordinates") for d in at.get("download_button"))
 
 
@@ -178,8 +218,8 @@ def test_a_run_without_index_gets_a_build_button(ui_demo, tmp_path, monkeypatch)
     at.switch_page("ui/pages/runs.py").run()
     at.button(key="build-fresh").click().run()
     _no_exception(at)
+    _rerun_until(at, lambda a: any(b.key == "open-fresh" for b in a.button), "the index build")
     assert (tmp_path / "runs" / "fresh" / "index" / "manifest.json").is_file()
-    assert at.button(key="open-fresh")
 
 
 def test_a_synthetic_run_without_dataset_or_checkpoint(tmp_path, monkeypatch):
@@ -198,3 +238,52 @@ def test_a_synthetic_run_without_dataset_or_checkpoint(tmp_path, monkeypatch):
     at.switch_page("ui/pages/groups.py").run()
     _no_exception(at)
     assert at.selectbox(key="grp_population").value == "detections"  # a run with matched detections
+
+
+def test_two_users_on_one_run_share_a_map_only_its_starter_cancels(ui_demo, tmp_path, monkeypatch):
+    """Two sessions at once on one run: the map one asks for is shared with the other, who
+    cannot cancel it, and its other pages stay usable while the map computes."""
+    from ui import projections as pj
+    from ui.views import embedding_map
+
+    # no cache/: the map is computed
+    shutil.copytree(ui_demo.run_dir, tmp_path / "runs" / "demo", ignore=shutil.ignore_patterns("cache"))
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setattr(embedding_map, "QUICK_WAIT_S", 0.0)
+    entered, release = threading.Event(), threading.Event()
+    real_project = pj.project
+
+    def held_project(*args, **kwargs):  # a fit that takes as long as the test wants
+        entered.set()
+        assert release.wait(120)
+        return real_project(*args, **kwargs)
+
+    monkeypatch.setattr(pj, "project", held_project)
+    try:
+        alice = _app("map")
+        assert entered.wait(60)
+        bob = _app("map")
+        cancel = [b for b in alice.button if b.key and b.key.startswith("cancel-")]
+        assert len(cancel) == 1 and not any(b.key and b.key.startswith("cancel-") for b in bob.button)
+        job = ui_app.jobs().get(cancel[0].key.removeprefix("cancel-"))
+        key = job.key.rsplit(":", 1)[-1]  # the projection's cache key
+        assert job.owner == alice.session_state[ui_app.OWNER_KEY] != bob.session_state[ui_app.OWNER_KEY]
+        assert any("Another session started this computation" in c.value for c in bob.caption)
+        bob.switch_page("ui/pages/overview.py").run()  # not blocked behind the map
+        _no_exception(bob)
+        assert bob.title[0].value == "Overview" and _charts(bob)
+        cancel[0].click().run()
+        _no_exception(alice)
+        assert job.state == "cancelling"
+        assert any("Cancelling" in c.value for c in alice.caption)
+    finally:
+        release.set()  # the fit ends; the job stops at its next step
+    job.future.exception(60)
+    assert job.state == "cancelled" and not pj.cache_paths(tmp_path / "runs" / "demo", key)[0].exists()
+    alice.run()
+    assert any("cancelled by you" in i.value for i in alice.info)
+    bob.switch_page("ui/pages/map.py").run()
+    assert any("cancelled by the session that started it" in i.value for i in bob.info)
+    bob.button[-1].click().run()  # "Compute it again": bob starts (and owns) it now
+    _rerun_until(bob, lambda a: bool(_charts(a)), "bob's map")
+    assert pj.cache_paths(tmp_path / "runs" / "demo", key)[0].is_file()

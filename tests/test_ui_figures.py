@@ -21,7 +21,8 @@ def ui_readouts(tmp_path_factory):
     index.build_index(run_dir)
     run = index.load_run(run_dir)
     s = index.GroupSettings(n_boot=30, min_group_size=60)
-    return {m: index.compare(run, "mst_band", m, None, s) for m in ("similarity", "neighbours", "recall")}
+    out = {m: index.compare(run, "mst_band", m, None, s) for m in ("similarity", "neighbours", "recall")}
+    return {**out, "run": run}
 
 
 def test_similarity_heatmap_labels_sizes_and_intervals(ui_readouts):
@@ -46,15 +47,42 @@ def test_ratio_heatmap_diverges_at_one(ui_readouts):
     assert heat.zmid == 1.0 and heat.zmin == 0.0 and heat.zmax >= 2.0 and heat.colorscale is not None
 
 
-def test_recall_bars_with_wilson_error_bars(ui_readouts):
+def test_recall_bars_with_bootstrap_error_bars(ui_readouts):
     df = ui_readouts["recall"]
     fig = figures.recall_bars(df)
     (bar,) = fig.data
     rec = df[df.metric == "recall"]
-    assert len(bar.x) == len(rec) == 4  # the recall_gap row is text, not a bar
+    assert len(bar.x) == len(rec) == 5  # 4 bands and all persons; the recall_gap row is text, not a bar
+    assert bar.x[-1].startswith("all (n=") and bar.marker.color[-1] == figures.ALL_COLOUR
     assert np.allclose(bar.error_y.array, np.nan_to_num(rec.ci_high - rec.value))
     assert np.allclose(bar.error_y.arrayminus, np.nan_to_num(rec.value - rec.ci_low))
-    assert "Newcombe" in figures.recall_gap_text(df)
+    assert "design effect" in bar.hovertemplate and np.asarray(bar.customdata).shape == (5, 5)
+    gap = df[df.metric == "recall_gap"].iloc[0]
+    assert f"best {gap.group_a} minus worst {gap.group_b}" in figures.recall_gap_text(df)
+
+
+def test_cell_heatmap_of_an_intersection(ui_readouts):
+    run = ui_readouts["run"]
+    df = index.compare(run, ["mst_band", "lighting"], "recall", settings=index.GroupSettings(n_boot=30))
+    heat = figures.cell_heatmap(df).data[0]
+    assert list(heat.y) == ["lighter", "medium", "darker", "unknown"]
+    assert list(heat.x) == ["well_lit", "dimly_lit", "underexposed", "overexposed", "unknown"]
+    cell = df[(df.metric == "recall") & (df.group_a == "darker & dimly_lit")].iloc[0]
+    z, extra = np.asarray(heat.z, dtype=float), np.asarray(heat.customdata, dtype=float)
+    assert z[2, 1] == pytest.approx(cell.value) and extra[2, 1, 2] == cell.n_a and extra[2, 1, 0] == pytest.approx(cell.ci_low)
+    with pytest.raises(ValueError, match="two groupings"):
+        figures.cell_heatmap(ui_readouts["recall"])
+
+
+def test_disparity_table_sorted_by_holm(ui_readouts):
+    df = ui_readouts["recall"]
+    table = figures.disparity_table(df)
+    diff = df[(df.metric == "recall_difference") & df.in_family]
+    assert len(table) == len(diff) and table["p (Holm)"].is_monotonic_increasing
+    row = table.iloc[0]
+    want = diff[(diff.group_a == row["group a"]) & (diff.group_b == row["group b"])].iloc[0]
+    assert row["difference"] == want.value and row["p"] == want.p_value
+    assert len(figures.disparity_table(df, family_only=False)) == (df.metric == "recall_difference").sum()
 
 
 def test_group_colours_use_the_monk_palette():

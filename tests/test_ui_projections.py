@@ -121,3 +121,41 @@ def test_map_table_joins_metadata(ui_synthetic_run):
     assert set(pj.COLOUR_OPTIONS) <= set(table.columns)
     assert table["mst_band"].tolist() == run.meta["mst_band"].iloc[[3, 1]].astype(str).tolist()
     assert table["mst_mode"].map(type).eq(str).all()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_umap_transform_reports_steps_and_can_stop_between_chunks(monkeypatch):
+    rng = np.random.default_rng(2)
+    X = rng.normal(0, 1, (90, 8)).astype(np.float32)
+    fit = np.arange(0, 90, 3)  # 30 fitted, 60 placed by transform
+    monkeypatch.setattr(pj, "TRANSFORM_CHUNK", 25)
+    seen = []
+    full = pj.project(X, "umap", pj.ProjectionParams(n_neighbors=5), fit, step=lambda f, t: seen.append((f, t)))
+    assert [t for _, t in seen] == [f"placing the other rows with transform: {lo} of 60" for lo in (0, 25, 50)]
+    assert np.isfinite(full).all()
+
+    def stop_at_second(fraction, text):
+        if "25 of 60" in text:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        pj.project(X, "umap", pj.ProjectionParams(n_neighbors=5), fit, step=stop_at_second)
+
+
+def test_a_stopped_computation_leaves_no_cache(ui_synthetic_run):
+    run, params = ui_synthetic_run, pj.ProjectionParams(random_state=11)
+    texts = []
+
+    def stop_before_storing(fraction, text):
+        texts.append(text)
+        if fraction == 1.0:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        pj.load_or_compute(run, "pca", "all", params, step=stop_before_storing)
+    assert texts[0] == "selecting the rows" and texts[1].startswith("fitting PCA on")
+    key = pj.projection_key("pca", "all", params, run.index_manifest["embeddings"]["checksum"])
+    assert pj.load_cached(run.run_dir, key) is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,25 +13,26 @@ import pytest  # noqa: E402
 
 import index  # noqa: E402
 from ui import app  # noqa: E402
+from ui.views.groups import cli_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("by, metric, population", [
-    ("mst_mode", "similarity", "persons"),
-    ("lighting", "neighbours", "all"),
-    ("mst_band", "recall", None),
+@pytest.mark.parametrize("by, metric, population, where", [
+    (("mst_mode",), "similarity", "persons", None),
+    (("lighting",), "neighbours", "all", None),
+    (("mst_band",), "recall", None, None),
+    (("mst_band", "lighting"), "recall", None, "class1 != 'doctor'"),
 ])
-def test_download_bytes_equal_the_cli(ui_demo, tmp_path, by, metric, population):
+def test_download_bytes_equal_the_cli(ui_demo, tmp_path, by, metric, population, where):
     settings = index.GroupSettings(k=5, n_boot=50, seed=4, min_group_size=3)
     run = index.load_run(ui_demo.run_dir)
-    # What the Group comparison page hands to st.download_button.
-    app_bytes = index.to_csv_bytes(app.compare(app.run_key(run), by, metric, population, settings))
+    # What the Group comparison page hands to st.download_button, and the command its help shows.
+    app_bytes = index.to_csv_bytes(app.compare(app.run_key(run), by, metric, population, settings, where))
     out = tmp_path / "cli.csv"
-    args = [sys.executable, "-m", "index", "compare", str(ui_demo.run_dir), "--by", by, "--metric", metric,
-            "--k", "5", "--n-boot", "50", "--seed", "4", "--min-group-size", "3", "--out", str(out)]
-    if population:
-        args += ["--population", population]
+    cmd = shlex.split(cli_command(metric, by, population, where, settings))
+    assert cmd[:5] == ["python", "-m", "index", "compare", "RUN"]
+    args = [sys.executable, "-m", "index", "compare", str(ui_demo.run_dir), *cmd[5:], "--out", str(out)]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     assert done.returncode == 0, done.stderr

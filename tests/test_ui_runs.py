@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -90,3 +91,58 @@ def test_build_demo_reports_progress_and_opens(tmp_path):
     with runs.exclusive(tmp_path / "runs" / ".demo.lock"):
         with pytest.raises(RuntimeError, match="another session"):
             runs.build_demo(tmp_path / "runs", settings)
+
+
+def _unindexed_copy(ui_demo, tmp_path):
+    return shutil.copytree(ui_demo.run_dir, tmp_path / "runs" / "fresh", ignore=shutil.ignore_patterns("index"))
+
+
+def test_index_build_runs_under_the_run_lock(ui_demo, tmp_path, monkeypatch):
+    """Two builds of one index at once: the second is refused while the first writes."""
+    import threading
+
+    run_dir = _unindexed_copy(ui_demo, tmp_path)
+    inside, release, outcomes = threading.Event(), threading.Event(), []
+    real = index.build_index
+
+    def gated(path, *args, **kwargs):
+        inside.set()
+        assert release.wait(30)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(index, "build_index", gated)
+    first = threading.Thread(target=lambda: outcomes.append(runs.build_run_index(run_dir)))
+    first.start()
+    assert inside.wait(30)
+    with pytest.raises(RuntimeError, match="another session is building the index of fresh"):
+        runs.build_run_index(run_dir)
+    release.set()
+    first.join(60)
+    assert len(outcomes) == 1 and (run_dir / "index" / "manifest.json").is_file()
+    assert runs.list_runs(tmp_path / "runs")[0].index_built
+    with runs.exclusive(run_dir / runs.INDEX_LOCK) as mine:  # released after the build
+        assert mine
+
+
+def test_a_cancelled_demo_build_stops_between_shards_and_resumes(tmp_path):
+    from ui.jobs import Cancelled, Jobs
+    from ui.views.runs import _demo_job
+
+    root = tmp_path / "runs"
+    settings = runs.DemoSettings(n_images=4, min_size=128, max_size=160, shard_size=1)
+    jobs = Jobs()
+    job = jobs.submit("demo", "demo", _demo_job, root, settings, owner="me")
+    deadline = time.monotonic() + 120
+    while not job.progress[1].startswith("extracting: 1 "):
+        assert time.monotonic() < deadline and not job.future.done(), job.progress
+        time.sleep(0.02)
+    assert jobs.cancel("demo", "me")
+    with pytest.raises(Cancelled):
+        job.future.result(120)
+    assert runs.list_runs(root) == [] and runs.unfinished_runs(root) == ["demo"]
+    with runs.exclusive(root / ".demo.lock") as mine:  # the lock went with the job
+        assert mine
+    jobs.forget("demo")  # what the page does before offering the button again
+    again = jobs.submit("demo", "demo", _demo_job, root, settings, owner="me")
+    assert again.future.result(120) == root / "demo"
+    assert runs.list_runs(root)[0].usable

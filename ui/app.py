@@ -7,6 +7,7 @@ sessions share work but never choices; each session's run lives in its own
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,13 +18,14 @@ import streamlit as st
 import index
 from extractor.infer import Detector, PhotoDetections
 from ui import gallery, runs
-from ui.jobs import Jobs
+from ui.jobs import Job, Jobs
 
 log = logging.getLogger(__name__)
 
 RUN_KEY = "run_name"          # the session's chosen run
 PICK_KEY = "run_pick"         # the sidebar widget
 SEEN_KEY = "run_param_seen"   # the ?run= value already acted upon
+OWNER_KEY = "job_owner"       # who this session is to the job pool
 UNTRAINED_BANNER = ("**Untrained weights.** This run was made with seeded untrained (or synthetic) weights: "
                     "its detections, neighbours and group numbers are structural only. They show that the "
                     "pipeline works end to end, not how DETR treats skin tones or lighting.")
@@ -108,19 +110,21 @@ def run_key(run: index.Run) -> tuple[str, tuple[int, int]]:
 
 # ------------------------------------------------------------------ cached read-outs
 @st.cache_data(max_entries=64, show_spinner="Computing the read-out (bootstrap intervals)…")
-def compare(key: tuple[str, tuple[int, int]], by: str, metric: str, population: str | None,
-            settings: index.GroupSettings) -> pd.DataFrame:
+def compare(key: tuple[str, tuple[int, int]], by: str | tuple[str, ...], metric: str, population: str | None,
+            settings: index.GroupSettings, where: str | None = None) -> pd.DataFrame:
     """``index.compare`` cached by run content and parameters (switching back is instant)."""
-    return index.compare(_open_run(*key), by, metric, population, settings)
+    return index.compare(_open_run(*key), list(by) if isinstance(by, tuple) else by, metric, population, settings,
+                         where=where)
 
 
-def readout(key: tuple[str, tuple[int, int]], by: str, metric: str, population: str | None,
-            settings: index.GroupSettings) -> pd.DataFrame | None:
+def readout(key: tuple[str, tuple[int, int]], by: str | tuple[str, ...], metric: str, population: str | None,
+            settings: index.GroupSettings, where: str | None = None) -> pd.DataFrame | None:
     """``compare`` for a page: a read-out that cannot be computed is one line of error, not a traceback."""
     try:
-        return compare(key, by, metric, population, settings)
+        return compare(key, by, metric, population, settings, where)
     except (ValueError, OSError) as exc:
-        st.error(f"The {metric} read-out by {by} cannot be computed: {exc}")
+        name = " x ".join(by) if isinstance(by, tuple) else by
+        st.error(f"The {metric} read-out by {name} cannot be computed: {exc}")
         return None
 
 
@@ -189,7 +193,44 @@ def detect(photo_digest: str, spec: DetectorSpec, _img) -> PhotoDetections:
 
 @st.cache_resource
 def jobs() -> Jobs:
-    return Jobs(max_workers=1)
+    """One pool for every session of the process: 2 jobs at once, 1 per session (ui.jobs)."""
+    return Jobs(max_workers=2, per_owner_running=1)
+
+
+def session_owner() -> str:
+    """This session's id for job ownership: only the session that started a job may cancel it."""
+    return st.session_state.setdefault(OWNER_KEY, uuid.uuid4().hex)
+
+
+@st.fragment(run_every=1.5)
+def poll_job(key: str, note: str = "") -> None:
+    """The job's status, refreshed every 1.5 s; the whole page reruns once it has finished."""
+    job = jobs().get(key)
+    if job is None or job.future.done():
+        st.rerun(scope="app")
+    job_status(job, note)
+
+
+def job_status(job: Job, note: str = "") -> None:
+    """A job's progress, and a Cancel button for the session that started it."""
+    fraction, text = job.progress
+    if job.state == "waiting":
+        pool = jobs()
+        st.info(f"The {job.label} is waiting for a free worker ({len(pool.running())} computing, "
+                f"{len(pool.waiting())} waiting; a session runs one computation at a time). {note}",
+                icon=":material/hourglass_top:")
+    else:
+        st.info(f"Computing the {job.label}: {text}, {job.elapsed:.0f} s so far. {note}",
+                icon=":material/hourglass_top:")
+        if fraction is not None:
+            st.progress(fraction)
+    if job.owner != session_owner():
+        st.caption("Another session started this computation and shares it with you; only it can cancel it.")
+    elif job.state == "cancelling":
+        st.caption("Cancelling: it stops at its next step (a UMAP or t-SNE fit and an index build run to their end).")
+    elif st.button("Cancel", key=f"cancel-{job.key}"):
+        jobs().cancel(job.key, session_owner())
+        st.rerun(scope="app")
 
 
 def settings_caption(settings: index.GroupSettings) -> str:

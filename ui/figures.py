@@ -14,6 +14,7 @@ from extractor.rundir.facet import MST_HEX, UNKNOWN
 
 SMALL_MARK = "†"
 UNKNOWN_COLOUR = "#9e9e9e"
+ALL_COLOUR = "#555555"  # the all-persons reference bar
 BAND_COLOURS = {"lighter": MST_HEX[1], "medium": MST_HEX[4], "darker": MST_HEX[8], UNKNOWN: UNKNOWN_COLOUR}
 BOX_COLOURS = ("#ff2d55", "#00c7be", "#ffcc00", "#5856d6", "#34c759", "#ff9500", "#af52de", "#007aff")
 CATEGORY_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
@@ -39,6 +40,8 @@ def group_colours(labels: Sequence[str]) -> list[str]:
         lab = str(lab)
         if lab == UNKNOWN or lab == "none":
             out.append(UNKNOWN_COLOUR)
+        elif lab == "all":
+            out.append(ALL_COLOUR)
         elif lab.isdigit() and 1 <= int(lab) <= 10:
             out.append(MST_HEX[int(lab) - 1])
         elif lab in BAND_COLOURS:
@@ -119,30 +122,104 @@ def _error_bars(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict:
             "arrayminus": np.nan_to_num(values - lo), "thickness": 1.5, "width": 4}
 
 
+DETECTION_METRICS = {  # metric of compare -> its name on the page
+    "ar": "AR (COCO, IoU .50:.05:.95)", "recall50": "recall@0.5 (COCO)", "recall75": "recall@0.75 (COCO)",
+    "recall": "threshold recall (kept detections, IoU 0.5)",
+}
+
+
 def recall_bars(df: pd.DataFrame) -> go.Figure:
-    """Detection recall per group with Wilson 95% intervals (from ``compare(..., "recall")``)."""
-    rec = df[df["metric"] == "recall"]
+    """Detection recall or COCO AR per group with image-cluster 95% intervals (from ``compare(..., metric)``
+    with a metric of ``DETECTION_METRICS``); ``all`` is the whole population. The hover adds the
+    design effect (how much clustering by photo widened the interval)."""
+    rec = df[df["metric"].isin(list(DETECTION_METRICS))]
+    metric = str(rec["metric"].iloc[0]) if len(rec) else "recall"
     min_size = int(rec["min_group_size"].iloc[0]) if "min_group_size" in rec.columns and len(rec) else 0
     labels = group_labels(rec["group_a"].astype(str), rec["n_a"], min_size)
     values = rec["value"].to_numpy(dtype=float)
     fig = go.Figure(go.Bar(
         x=labels, y=values, error_y=_error_bars(values, rec["ci_low"].to_numpy(float), rec["ci_high"].to_numpy(float)),
         marker={"color": group_colours(rec["group_a"].astype(str)), "line": {"color": "#444", "width": 1}},
-        customdata=rec[["ci_low", "ci_high", "detected_a", "n_a"]].to_numpy(dtype=float),
-        hovertemplate=("%{x}<br>recall %{y:.3f}<br>95% Wilson [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
-                       "<br>%{customdata[2]:.0f} of %{customdata[3]:.0f} detected<extra></extra>")))
-    fig.update_layout(title="Detection recall per group (95% Wilson intervals)", yaxis={"range": [0, 1.05],
-                      "title": "recall"}, height=380, margin={"l": 10, "r": 10, "t": 50, "b": 10})
+        customdata=rec[["ci_low", "ci_high", "n_a", "n_images_a", "design_effect"]].to_numpy(dtype=float),
+        hovertemplate=(f"%{{x}}<br>{metric} %{{y:.3f}}<br>95% CI [%{{customdata[0]:.3f}}, %{{customdata[1]:.3f}}]"
+                       "<br>%{customdata[2]:.0f} persons on %{customdata[3]:.0f} photos"
+                       "<br>design effect %{customdata[4]:.2f}<extra></extra>")))
+    name = DETECTION_METRICS[metric]
+    fig.update_layout(title=f"{name[0].upper() + name[1:]} per group (95% intervals, photos resampled)",
+                      yaxis={"range": [0, 1.05], "title": metric}, height=380, margin={"l": 10, "r": 10, "t": 50, "b": 10})
     return fig
 
 
+def protocol_text(df: pd.DataFrame) -> str:
+    """One line naming the protocol and the interval of a detection read-out."""
+    rec = df[df["metric"].isin(list(DETECTION_METRICS))]
+    if rec.empty or "protocol" not in rec.columns:
+        return ""
+    return f"Protocol: {rec['protocol'].iloc[0]}. Intervals: {rec['interval'].iloc[0]}; `all` = every evaluated person."
+
+
 def recall_gap_text(df: pd.DataFrame) -> str:
-    gap = df[df["metric"] == "recall_gap"]
+    """The best-minus-worst gap of a detection read-out (recall, AR, ...) in one sentence."""
+    gap = df[df["metric"].astype(str).str.endswith("_gap")]
+    name = gap["metric"].iloc[0][:-len("_gap")] if len(gap) else "recall"
     if gap.empty or pd.isna(gap["value"].iloc[0]):
-        return "Recall gap: needs two non-empty groups."
+        return f"{name} gap: needs two groups in the choice (named, with at least the minimum group size)."
     g = gap.iloc[0]
-    return (f"Recall gap (best {g['group_a']} minus worst {g['group_b']}): {g['value']:.3f}, "
-            f"95% CI [{g['ci_low']:.3f}, {g['ci_high']:.3f}] (Newcombe).")
+    return (f"{name} gap (best {g['group_a']} minus worst {g['group_b']}, chosen among {int(g['family_size'])} "
+            f"groups): {g['value']:.3f}, 95% CI [{g['ci_low']:.3f}, {g['ci_high']:.3f}]; both groups are "
+            "chosen again in every bootstrap round, so the interval accounts for the choice.")
+
+
+def cell_heatmap(df: pd.DataFrame, metric: str = "recall") -> go.Figure:
+    """An intersection read-out (grouping ``a & b``) as a heatmap: rows = a's groups,
+    columns = b's; the hover shows n, photos, the 95% interval and the design effect."""
+    from index.groupings import ALL, CELL_SEP
+    sub = df[(df["metric"] == metric) & (df["group_a"].astype(str) != ALL)]
+    parts = sub["group_a"].astype(str).str.split(CELL_SEP, regex=False)
+    if sub.empty or parts.map(len).max() != 2:
+        raise ValueError("cell_heatmap needs a read-out by exactly two groupings (--by X --by Y)")
+    rows, cols = _ordered(parts.str[0]), _ordered(parts.str[1])
+    r = parts.str[0].map({g: i for i, g in enumerate(rows)}).to_numpy()
+    c = parts.str[1].map({g: i for i, g in enumerate(cols)}).to_numpy()
+    z = np.full((len(rows), len(cols)), np.nan)
+    extra = np.full((len(rows), len(cols), 5), np.nan)
+    z[r, c] = sub["value"].to_numpy(float)
+    extra[r, c] = sub[["ci_low", "ci_high", "n_a", "n_images_a", "design_effect"]].to_numpy(float)
+    min_size = int(sub["min_group_size"].iloc[0]) if "min_group_size" in sub.columns else 0
+    text = np.where(np.isnan(z), "", np.char.add(np.char.mod("%.2f", np.nan_to_num(z)),
+                    np.where(extra[..., 2] < min_size, SMALL_MARK, "")))
+    names = str(sub["grouping"].iloc[0]).split(CELL_SEP) if "grouping" in sub.columns else ["a", "b"]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=cols, y=rows, customdata=extra, text=text, texttemplate="%{text}", colorscale="Viridis",
+        hovertemplate=("%{y} & %{x}<br>" + metric + " %{z:.3f}<br>95% CI [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
+                       "<br>n %{customdata[2]:.0f} in %{customdata[3]:.0f} photos<br>design effect "
+                       "%{customdata[4]:.2f}<extra></extra>"), colorbar={"title": {"text": metric}}))
+    fig.update_layout(title=f"{metric} by {names[0]} and {names[-1]} ({SMALL_MARK}: small cell)",
+                      height=max(320, 40 * len(rows) + 160), margin={"l": 10, "r": 10, "t": 50, "b": 10})
+    fig.update_yaxes(autorange="reversed", title=names[0])
+    fig.update_xaxes(title=names[-1])
+    return fig
+
+
+def disparity_table(df: pd.DataFrame, metric: str = "recall", family_only: bool = True) -> pd.DataFrame:
+    """Pairwise differences and ratios of a per-group metric, Holm-adjusted p first."""
+    diff = df[df["metric"] == f"{metric}_difference"]
+    ratio = df[df["metric"] == f"{metric}_ratio"].set_index(["group_a", "group_b"])
+    if family_only:
+        diff = diff[diff["in_family"].astype(bool)]
+    keys = list(zip(diff["group_a"], diff["group_b"]))
+    out = pd.DataFrame({
+        "group a": diff["group_a"].to_numpy(), "group b": diff["group_b"].to_numpy(),
+        "difference": diff["value"].to_numpy(float), "diff low": diff["ci_low"].to_numpy(float),
+        "diff high": diff["ci_high"].to_numpy(float),
+        "ratio": ratio.loc[keys, "value"].to_numpy(float) if keys else [],
+        "ratio low": ratio.loc[keys, "ci_low"].to_numpy(float) if keys else [],
+        "ratio high": ratio.loc[keys, "ci_high"].to_numpy(float) if keys else [],
+        "p": diff["p_value"].to_numpy(float), "p (Holm)": diff["p_holm"].to_numpy(float),
+        "family": diff["family_size"].to_numpy(), "n a": diff["n_a"].to_numpy(), "n b": diff["n_b"].to_numpy(),
+        "small": diff["small_group"].to_numpy(bool),
+    })
+    return out.sort_values(["p (Holm)", "p"], kind="stable", na_position="last").reset_index(drop=True)
 
 
 def counts_bar(labels: Sequence[str], counts: Sequence[int], title: str, min_group_size: int = 0) -> go.Figure:

@@ -11,15 +11,15 @@ from PIL import Image, ImageDraw, ImageOps
 
 from extractor.groups import LIGHTING_FLAGS, MST_BANDS, UNKNOWN
 from index import membership
+from index.groupings import POPULATION_HELP as INDEX_POPULATION_HELP, POPULATION_REGISTRY
 
 log = logging.getLogger(__name__)
 
 BANDS = (*MST_BANDS, UNKNOWN)
 LIGHTINGS = LIGHTING_FLAGS
-# Populations as index.groups defines them, as row conditions of the metadata.
-POPULATION_WHERE = {"all": None, "persons": "has_person", "detections": "matched"}
-POPULATION_HELP = ("all = every row; persons = one row per annotated person (detected or missed); "
-                   "detections = detected and matched persons")
+# Populations as index.groupings defines them (all first: the search page's order).
+POPULATION_WHERE = {name: POPULATION_REGISTRY[name].where for name in ("all", "persons", "detections")}
+POPULATION_HELP = INDEX_POPULATION_HELP
 CROP_SIZE = 160
 TABLE_COLUMNS = ("rank", "similarity", "det_id", "image_id", "filename", "person_id", "mst_mode", "mst_band",
                  "lighting", "gender_mode", "age_mode", "detected", "matched", "score", "x1", "y1", "x2", "y2")

@@ -21,12 +21,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from extractor.rundir import CACHE_DIR, atomic_write, write_json
-from index.groups import POPULATIONS, population_rows
+from index.groupings import POPULATIONS, population_rows
 from ui.gallery import lighting_label
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,16 @@ TSNE_PCA_DIMS = 50
 CACHE_VERSION = 1
 _LIBRARY = {"pca": "scikit-learn", "tsne": "scikit-learn", "umap": "umap-learn"}
 _COLUMNS = ["det_id", "x", "y", "fitted"]
+# Rows UMAP places per ``transform`` call: the points where a background job reports
+# progress and may stop (a fit itself cannot be interrupted).
+TRANSFORM_CHUNK = 5_000
+
+# step(fraction done or None, text): progress, called between steps; it may raise to stop.
+Step = Callable[[float | None, str], None]
+
+
+def _no_step(fraction: float | None, text: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -122,11 +133,12 @@ def stratified_sample(strata: np.ndarray, cap: int, random_state: int) -> np.nda
 
 
 def project(X: np.ndarray, method: str, params: ProjectionParams = ProjectionParams(),
-            fit_rows: np.ndarray | None = None) -> np.ndarray:
+            fit_rows: np.ndarray | None = None, step: Step = _no_step) -> np.ndarray:
     """float32 [n, 2] coordinates of the rows of ``X``.
 
     ``fit_rows`` (UMAP only): positions the model is fitted on; the others are placed
-    with ``transform``. Rows are L2-normalised here, so raw embeddings can be passed.
+    with ``transform``, ``TRANSFORM_CHUNK`` rows at a time with a ``step`` between.
+    Rows are L2-normalised here, so raw embeddings can be passed.
     """
     _check_method(method)
     X = np.asarray(X, dtype=np.float32)
@@ -159,8 +171,10 @@ def project(X: np.ndarray, method: str, params: ProjectionParams = ProjectionPar
         return out
     out[fit] = reducer.fit(X[fit]).embedding_
     rest = np.setdiff1d(np.arange(n), fit)
-    if len(rest):
-        out[rest] = reducer.transform(X[rest])
+    for lo in range(0, len(rest), TRANSFORM_CHUNK):
+        step(0.5 + 0.5 * lo / len(rest), f"placing the other rows with transform: {lo} of {len(rest)}")
+        chunk = rest[lo:lo + TRANSFORM_CHUNK]
+        out[chunk] = reducer.transform(X[chunk])
     return out
 
 
@@ -175,9 +189,11 @@ class Projection:
     info: dict            # method, population, parameters, counts, seconds, key
 
 
-def compute_projection(run, method: str, population: str, params: ProjectionParams) -> Projection:
+def compute_projection(run, method: str, population: str, params: ProjectionParams,
+                       step: Step = _no_step) -> Projection:
     """Project the population of ``run`` (an ``index.Run``); sampling as the module says."""
     started = time.perf_counter()
+    step(0.0, "selecting the rows")
     rows = population_rows(run.meta, population)
     cap = params.cap(method)
     n_population = len(rows)
@@ -188,7 +204,9 @@ def compute_projection(run, method: str, population: str, params: ProjectionPara
             fit_rows = sample
         else:
             rows = rows[sample]
-    coords = project(run.xb[rows], method, params, fit_rows)
+    n_fit = len(rows) if fit_rows is None else len(fit_rows)
+    step(0.05, f"fitting {METHOD_LABELS[method]} on {n_fit} rows (cannot be interrupted)")
+    coords = project(run.xb[rows], method, params, fit_rows, step)
     fitted = np.ones(len(rows), dtype=bool)
     if fit_rows is not None:
         fitted[:] = False
@@ -236,14 +254,17 @@ def save_cached(run_dir: Path, key: str, projection: Projection) -> bool:
     return True
 
 
-def load_or_compute(run, method: str, population: str, params: ProjectionParams) -> tuple[Projection, bool]:
-    """(projection, True if it came from the cache). Computes and stores on a miss."""
+def load_or_compute(run, method: str, population: str, params: ProjectionParams,
+                    step: Step = _no_step) -> tuple[Projection, bool]:
+    """(projection, True if it came from the cache). Computes and stores on a miss; a
+    ``step`` that raises before the store leaves nothing in the cache."""
     key = projection_key(method, population, params, run.index_manifest["embeddings"]["checksum"])
     cached = load_cached(run.run_dir, key)
     if cached is not None:
         return cached, True
-    projection = compute_projection(run, method, population, params)
+    projection = compute_projection(run, method, population, params, step)
     projection = dataclasses.replace(projection, info={**projection.info, "key": key})
+    step(1.0, "storing the map in the cache")
     save_cached(run.run_dir, key, projection)
     return projection, False
 

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 RUNS_ENV = "RUNS_DIR"
 INDEX_MANIFEST = Path(INDEX_DIR) / index_build.INDEX_MANIFEST
+INDEX_LOCK = ".index.lock"    # in the run directory, held while the app builds its index
 DEMO_NAME = "demo"
 
 # The README's commands, shown when there is no run yet.
@@ -274,6 +275,18 @@ def exclusive(lock_path: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def build_run_index(run_dir: Path) -> dict:
+    """``index.build_index`` under the run's lock: two clicks, sessions or app processes
+    cannot write the index and its manifest at once; -> the index manifest."""
+    from index import build_index
+
+    with exclusive(Path(run_dir) / INDEX_LOCK) as mine:
+        if not mine:
+            raise RuntimeError(f"another session is building the index of {Path(run_dir).name} right now; "
+                               "open the Runs page again in a minute")
+        return build_index(Path(run_dir))
 
 
 def build_demo(root: Path, settings: DemoSettings = DemoSettings(),

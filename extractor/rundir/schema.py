@@ -168,7 +168,10 @@ def write_table(df: pd.DataFrame, table: str, path: Path) -> int:
     """Conform ``df`` and write it as parquet to ``path``; returns the row count."""
     frame = conform(df, table)
     arrow = pa.Table.from_pandas(frame, schema=arrow_schema(table), preserve_index=False)
-    pq.write_table(arrow, path, compression="zstd")
+    # Dictionaries only where values repeat: on float columns (boxes, scores) they cost ~45%
+    # (predictions.parquet: 3.3 KB per image with them, 2.2 KB without).
+    dictionary = [c.name for c in SCHEMAS[table] if not c.dtype.startswith("float")]
+    pq.write_table(arrow, path, compression="zstd", use_dictionary=dictionary)
     return len(frame)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 
 import pandas as pd
@@ -10,6 +9,7 @@ import streamlit as st
 
 import index
 from ui import app, figures, gallery, projections as pj
+from ui.jobs import JobContext, JobLimit
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,9 @@ def _load(run_dir: str, key: str) -> pj.Projection:
     return cached
 
 
-def _compute(run: index.Run, key: str, method: str, population: str, params: pj.ProjectionParams) -> pj.Projection:
-    projection = pj.compute_projection(run, method, population, params)
-    projection = dataclasses.replace(projection, info={**projection.info, "key": key})
-    pj.save_cached(run.run_dir, key, projection)
-    return projection
+def _compute(ctx: JobContext, run: index.Run, method: str, population: str,
+             params: pj.ProjectionParams) -> pj.Projection:
+    return pj.load_or_compute(run, method, population, params, step=ctx.step)[0]
 
 
 def _projection(run: index.Run, key: str, method: str, population: str,
@@ -100,11 +98,26 @@ def _projection(run: index.Run, key: str, method: str, population: str,
         pass
     jobs = app.jobs()
     label = f"{pj.METHOD_LABELS[method]} of {population} in {run.run_dir.name}"
-    job = jobs.submit(key, label, _compute, run, key, method, population, params)
+    # The run in the job's key too: a copy of a run has the same embeddings, hence cache key,
+    # but its own cache/ to fill.
+    cache_key, key = key, f"map:{run.run_dir}:{key}"
+    try:
+        job = jobs.submit(key, label, _compute, run, method, population, params, owner=app.session_owner())
+    except JobLimit as exc:
+        st.warning(str(exc))
+        return None
     try:
         projection = job.future.result(timeout=QUICK_WAIT_S)
     except concurrent.futures.TimeoutError:
-        _wait(key)
+        app.poll_job(key, "The map appears here when it is done and is cached for everyone; the other pages "
+                          "stay usable meanwhile.")
+        return None
+    except concurrent.futures.CancelledError:
+        who = "you" if job.owner == app.session_owner() else "the session that started it"
+        st.info(f"The {label} was cancelled by {who}.")
+        if st.button("Compute it again"):
+            jobs.forget(key)
+            st.rerun()
         return None
     except Exception as exc:  # shown in one line; the log has the traceback
         st.error(f"The {label} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
@@ -112,19 +125,9 @@ def _projection(run: index.Run, key: str, method: str, population: str,
             jobs.forget(key)
             st.rerun()
         return None
-    if pj.cache_paths(run.run_dir, key)[0].is_file():
+    if pj.cache_paths(run.run_dir, cache_key)[0].is_file():
         jobs.forget(key)  # on disk now; without a writable cache/ the job keeps the result in memory
     return projection
-
-
-@st.fragment(run_every=2.0)
-def _wait(key: str) -> None:
-    job = app.jobs().get(key)
-    if job is None or job.future.done():
-        st.rerun(scope="app")
-    st.info(f"Computing the {job.label}: {job.elapsed:.0f} s so far. It runs in the background, so the other "
-            "pages stay usable; the map appears here when it is done and is cached for everyone.",
-            icon=":material/hourglass_top:")
 
 
 def _describe(info: dict, method: str) -> None:

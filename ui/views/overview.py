@@ -1,4 +1,4 @@
-"""Overview: the manifest in words, persons per group, detection recall per group."""
+"""Overview: the manifest in words, persons per group, detection AR / recall per group."""
 from __future__ import annotations
 
 import pandas as pd
@@ -7,9 +7,7 @@ import streamlit as st
 import index
 from ui import app, figures, runs
 
-GROUP_HELP = ("Membership rule: *_any* counts a person in every group at least one annotator chose (groups "
-              "overlap, as in FACET); *_mode* uses the most-chosen value (exclusive); *mst_band* groups the mode "
-              "into lighter 1-3, medium 4-6, darker 7-10.")
+GROUP_HELP = "Membership rules: " + "; ".join(f"*{g.name}* ({g.kind}): {g.rule}" for g in index.REGISTRY.values())
 
 
 def render() -> None:
@@ -34,8 +32,13 @@ def render() -> None:
 
     by = st.selectbox("Grouping", index.GROUPINGS, index=index.GROUPINGS.index("mst_band"), help=GROUP_HELP,
                       key="overview_by", persist_state="session")
+    metric = st.selectbox("Detection metric", list(figures.DETECTION_METRICS), format_func=figures.DETECTION_METRICS.get,
+                          key="overview_metric", persist_state="session",
+                          help="COCO AR / recall@IoU: every query labelled person, scored by its class probability, "
+                               "matched to all annotated persons as pycocotools does (needs predictions.parquet). "
+                               "Threshold recall: a kept detection (P(person) >= the run's threshold) matched at IoU 0.5.")
     settings = index.GroupSettings()
-    recall = app.readout(app.run_key(run), by, "recall", None, settings)
+    recall = app.readout(app.run_key(run), by, metric, None, settings)
     left, right = st.columns(2)
     counts = _persons_per_group(run, by)
     left.plotly_chart(figures.counts_bar(counts["group"], counts["persons"], f"Annotated persons per {by}"),
@@ -43,11 +46,15 @@ def render() -> None:
     if recall is None:
         return
     right.plotly_chart(figures.recall_bars(recall), width="stretch", key="overview_recall")
-    right.caption(figures.recall_gap_text(recall))
+    right.caption(figures.protocol_text(recall))
+    if metric == "recall":
+        right.caption(figures.recall_gap_text(recall))
     if recall["small_group"].any():
         st.caption(figures.small_note(settings.min_group_size))
-    st.download_button("Recall per group (CSV)", index.to_csv_bytes(recall), file_name=f"recall-{by}.csv",
+    st.download_button(f"{metric} per group (CSV)", index.to_csv_bytes(recall), file_name=f"{metric}-{by}.csv",
                        mime="text/csv", key="overview_csv")
+    st.caption(f"The same table from the command line: `python -m index compare {run.run_dir} --metric {metric} "
+               f"--by {by} --out {metric}.csv`")
 
 
 def _persons_per_group(run: index.Run, by: str) -> pd.DataFrame:
