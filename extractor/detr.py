@@ -43,8 +43,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
+
+from .resnet import Bottleneck, trunk_modules
 
 __all__ = ["BACKBONES", "DETR", "FrozenBatchNorm2d", "HIDDEN_DIM", "NUM_CLASSES", "NUM_QUERIES",
            "PERSON_CLASS", "SinePositionEncoding", "build_detr", "fold_frozen_batchnorm"]
@@ -94,14 +95,10 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, name: str, dilation: bool) -> None:
         super().__init__()
-        factory = {"resnet50": torchvision.models.resnet50,
-                   "resnet101": torchvision.models.resnet101}[name]
-        net = factory(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                      norm_layer=FrozenBatchNorm2d)
-        # Re-register the trunk under the same names (fc/avgpool dropped) so the keys stay
-        # "backbone.0.body.<torchvision name>".
-        for child in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-            self.add_module(child, getattr(net, child))
+        # Same names as torchvision's (fc/avgpool dropped), so the keys stay
+        # "backbone.0.body.<torchvision name>"; extractor.resnet says why not torchvision itself.
+        for child, module in trunk_modules(name, dilation, FrozenBatchNorm2d).items():
+            self.add_module(child, module)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -446,7 +443,7 @@ def fold_frozen_batchnorm(model: DETR) -> DETR:
     for module in list(folded.modules()):
         if isinstance(module, ResNetTrunk):
             pairs = [("conv1", "bn1")]
-        elif isinstance(module, torchvision.models.resnet.Bottleneck):
+        elif isinstance(module, Bottleneck):
             pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
             if module.downsample is not None:
                 pairs.append(("downsample.0", "downsample.1"))

@@ -84,9 +84,12 @@ def run_extraction(settings: ExtractSettings,
 
     t_model = time.perf_counter()
     n_todo_images = sum(len(plan.shards[i]) for i in todo)
+    # Wall-clock stamps of the first and last finished image: the whole-process bench splits
+    # a run's fixed cost (process start to first image) from its per-image cost with them.
+    clock: dict[str, float] = {}
     with tqdm(total=n_todo_images, unit="img", desc="extract", dynamic_ncols=True) as bar:
         kept_total = 0
-        for shard_idx, results in _process(model, plan, s, todo):
+        for shard_idx, results in _process(model, plan, s, todo, clock):
             _write_shard(shard_root / shard_name(shard_idx), results, keys[shard_idx])
             kept_total += int(sum(r["rows"]["detected"].sum() for r in results if r["rows"] is not None))
             bar.update(len(results))
@@ -97,7 +100,8 @@ def run_extraction(settings: ExtractSettings,
 
     shards = [_read_shard(shard_root / shard_name(i)) for i in range(len(plan.shards))]
     timings = {"total_s": None, "extract_s": round(t_extract, 3), "images_this_session": n_todo_images,
-               "images_per_s": round(n_todo_images / t_extract, 3) if t_extract > 0 and n_todo_images else None}
+               "images_per_s": round(n_todo_images / t_extract, 3) if t_extract > 0 and n_todo_images else None,
+               "first_image_unix": clock.get("first"), "last_image_unix": clock.get("last")}
     manifest = write_outputs(s, plan, dataset, ckpt, shards, fields, fp, timings, t0)
     shutil.rmtree(s.out / rundir.WORK_DIR, ignore_errors=True)
     if s.build_index:
@@ -156,8 +160,11 @@ def _difference(before: dict | None, now: dict) -> str:
         else "an older version of the tool"
 
 
-def _process(model, plan: Plan, s: ExtractSettings, todo: list[int]) -> Iterator[tuple[int, list[dict]]]:
-    """Decode ahead in threads (PIL releases the GIL) while the model runs; yields per shard."""
+def _process(model, plan: Plan, s: ExtractSettings, todo: list[int],
+             clock: dict[str, float]) -> Iterator[tuple[int, list[dict]]]:
+    """Decode ahead in threads (PIL releases the GIL) while the model runs; yields per shard.
+
+    clock: gets time.time() after the first ("first") and the latest ("last") batch."""
     root = s.data
 
     def load(image_id: int):
@@ -188,6 +195,8 @@ def _process(model, plan: Plan, s: ExtractSettings, todo: list[int]) -> Iterator
                         futures.append(pool.submit(load, order[next_submit][1]))
                         next_submit += 1
                 results.extend(_run_batch(model, plan, s, batch_ids, loaded))
+                clock.setdefault("first", time.time())
+                clock["last"] = time.time()
             yield shard_idx, results
 
 

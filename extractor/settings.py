@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .infer import resolve_device, resolve_precision
 from .perturb import Perturbation
+from .policy import POLICY
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,8 @@ class ExtractSettings:
                              f"decode would shrink: drop --draft")
         device = resolve_device(self.device)
         precision = resolve_precision(self.precision, device)
-        # One image per forward on the CPU: batching does not pay there, and an unpadded
-        # image gives exactly the official single-image numbers.
-        batch = self.batch_size or (16 if device.startswith("cuda") else 1)
-        workers = self.workers or min(8, os.cpu_count() or 1)
+        batch = self.batch_size or POLICY.batch_size(device)
+        workers = self.workers or POLICY.decode_workers()
         shard = max(self.shard_size, batch)
         return replace(self, data=Path(self.data).resolve(), out=Path(self.out).resolve(),
                        device=device, precision=precision, batch_size=batch, workers=workers,
