@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.ops import roi_align
 
 from . import rundir
 
@@ -93,6 +92,7 @@ def pool_boxes(fmap: torch.Tensor, valid_hw: tuple[int, int], boxes: np.ndarray,
         return torch.zeros((0, fmap.shape[0]), dtype=torch.float32)
     crop = fmap[None, :, :hv, :wv].float().contiguous()
     rois = torch.cat([torch.zeros(len(boxes), 1), torch.as_tensor(boxes, dtype=torch.float32)], dim=1)
+    from torchvision.ops import roi_align  # only runs with --features: keeps torchvision out of a plain start
     pooled = roi_align(crop, rois.to(crop.device), output_size=ROI_OUTPUT, spatial_scale=1.0 / stride,
                        sampling_ratio=ROI_SAMPLES, aligned=True)
     return pooled.mean(dim=(2, 3))
