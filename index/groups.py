@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from index.audit import AUDIT_METRICS, PROTOCOLS, run_audit
-from index.bootstrap import BootSettings, bca_interval, image_index, one_blas_thread, per_image_sums, resample
+from index.bootstrap import (BootSettings, bca_interval, image_index, image_weights, one_blas_thread, per_image_sums,
+                             resample)
 from index.disparity import mean_readout
 from index.groupings import GROUPINGS, POPULATIONS, Groups, by_names, groups_of, population_mask, population_rows
 from index.store import Run
@@ -187,9 +188,34 @@ def similarity(run: Run, by: str | Sequence[str], population: str = "detections"
     stat, value = similarity_statistic(groups.M, run.unit_rows(rows), inv)
     value, boot, jack = resample(stat, uniq, settings.boot, value=value)
     lo, hi = bca_interval(value, boot, jack)
+    deff = _similarity_design_effect(groups.M, run.unit_rows(rows), boot, settings)
     params = _params(groups, population, where, settings)
-    return pd.concat([_pairs_frame(groups, sizes, name, value[i], lo[i], hi[i], settings.min_group_size, **params)
+    return pd.concat([_pairs_frame(groups, sizes, name, value[i], lo[i], hi[i], settings.min_group_size, **params,
+                                   design_effect=deff[i])
                       for i, name in enumerate(SIMILARITY_METRICS)], ignore_index=True)
+
+
+# A variance ratio needs fewer rounds than an interval; rows beyond the cap would make the
+# independent-rows statistic hold every row's vector in memory (its "images" are rows).
+DEFF_ROUNDS = 100
+DEFF_MAX_ROWS = 200_000
+
+
+def _similarity_design_effect(M: np.ndarray, X, boot: np.ndarray, settings: GroupSettings) -> np.ndarray:
+    """[3, G, G] bootstrap variance with photos resampled over the variance with rows
+    resampled as if independent (each row its own photo); NaN above ``DEFF_MAX_ROWS``."""
+    n = len(M)
+    if n > DEFF_MAX_ROWS or n < 2:
+        return np.full(boot.shape[1:], np.nan)
+    ids = np.arange(n)
+    stat_rows, _ = similarity_statistic(M, X, ids)
+    rows_boot = BootSettings(n_boot=min(settings.n_boot, DEFF_ROUNDS), seed=settings.seed)
+    with one_blas_thread():
+        independent = np.concatenate([stat_rows(W) for W in image_weights(ids, rows_boot)])
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # empty groups: all-NaN rounds
+        deff = np.nanvar(boot, axis=0, ddof=1) / np.nanvar(independent, axis=0, ddof=1)
+    return np.where(np.isfinite(deff), deff, np.nan)
 
 
 def neighbour_composition(run: Run, by: str | Sequence[str], population: str = "detections",

@@ -353,3 +353,23 @@ def test_where_restricts_every_readout(tiny):
     rec = compare(tiny, "mst_band", "recall", settings=s, where=where)
     persons = tiny.persons[tiny.persons.evaluated & tiny.persons.eval(where)]
     assert rec[(rec.metric == "recall") & (rec.group_a != "all")].n_a.sum() == len(persons)
+
+
+def test_similarity_design_effect_grows_with_a_shared_photo_component(tmp_path):
+    """Rows that mostly carry their photo's direction move together when photos are
+    resampled: the image-cluster variance then exceeds the independent-rows one."""
+    run_dir = write_synthetic_run(tmp_path / "run", 1200, seed=4)
+    meta = pd.read_parquet(run_dir / "detections.parquet")
+    rng = np.random.default_rng(0)
+    codes = pd.factorize(meta["image_id"])[0]
+    shared = rng.standard_normal((codes.max() + 1, 256)).astype(np.float32)
+    deffs = {}
+    for name, weight in (("independent", 0.0), ("shared", 3.0)):
+        xb = (rng.standard_normal((len(meta), 256)) + weight * shared[codes]).astype(np.float32) + 1.0
+        np.save(run_dir / "embeddings.npy", xb)
+        build_index(run_dir, BuildSettings(kind="flat"))
+        df = similarity(load_run(run_dir), "mst_band", "all", GroupSettings(n_boot=200))
+        cell = df[(df.metric == "mean_pairwise_cosine") & (df.group_a == "medium") & (df.group_b == "medium")]
+        deffs[name] = cell.design_effect.iloc[0]
+    assert 0.5 < deffs["independent"] < 2.0
+    assert deffs["shared"] > 2.0 and deffs["shared"] > 1.5 * deffs["independent"], deffs

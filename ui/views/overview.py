@@ -47,8 +47,7 @@ def render() -> None:
         return
     right.plotly_chart(figures.recall_bars(recall), width="stretch", key="overview_recall")
     right.caption(figures.protocol_text(recall))
-    if metric == "recall":
-        right.caption(figures.recall_gap_text(recall))
+    right.caption(figures.recall_gap_text(recall))
     if recall["small_group"].any():
         st.caption(figures.small_note(settings.min_group_size))
     st.download_button(f"{metric} per group (CSV)", index.to_csv_bytes(recall), file_name=f"{metric}-{by}.csv",
