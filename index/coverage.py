@@ -31,7 +31,7 @@ from index.bootstrap import BootSettings, bca_interval, group_means, image_index
 from index.groupings import ALL, groups_of
 from index.planted import PlantedEffects, planted_truth
 from index.stats import wilson
-from index.synthetic import THRESHOLD, _detections, _layout
+from index.synthetic import THRESHOLD, dataset_layout, planted_detections
 
 COVERAGE_METRICS = ("ar", "recall50")
 
@@ -39,7 +39,7 @@ COVERAGE_METRICS = ("ar", "recall50")
 def _replications(effects: PlantedEffects, n_rows: int, seed: int, detection_seeds: range, n_boot: int,
                   by: str, level: float) -> list[dict]:
     """One row per (detection seed, statistic, group) of dataset ``seed``: the interval and the truth."""
-    layout = _layout(n_rows, seed)
+    layout = dataset_layout(n_rows, seed)
     persons = layout["persons"][layout["persons"]["evaluated"]].reset_index(drop=True)
     ok_images = np.arange(layout["n_images"])
     planted = planted_truth(effects, persons, IOU_THRESHOLDS, THRESHOLD)
@@ -53,7 +53,7 @@ def _replications(effects: PlantedEffects, n_rows: int, seed: int, detection_see
     stats = (*COVERAGE_METRICS, "recall50_wilson")
     rows = []
     for r in detection_seeds:
-        predictions = _detections(layout, effects, detection_seed=r)["predictions"]
+        predictions = planted_detections(layout, effects, detection_seed=r)["predictions"]
         audit = person_audit(persons, predictions, ok_images)
         values = audit[list(COVERAGE_METRICS)].to_numpy(np.float64)
         res = group_means(values, M, persons["image_id"].to_numpy(), BootSettings(n_boot=n_boot, seed=r, level=level))

@@ -258,7 +258,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (inter / (area(a) + area(b) - inter)).astype(np.float32)
 
 
-def _layout(n_rows: int, seed: int) -> dict:
+def dataset_layout(n_rows: int, seed: int) -> dict:
     """The dataset part of a run drawn from ``seed`` (images, persons, attributes, boxes,
     row slots), and ``rng`` positioned where the embeddings start."""
     if n_rows < 2:
@@ -299,8 +299,9 @@ def _layout(n_rows: int, seed: int) -> dict:
             "row_person": row_person, "gt": gt, "query_idx": query_idx, "filenames": filenames, "persons": persons}
 
 
-def _detections(layout: dict, effects: PlantedEffects, detection_seed: int | None) -> dict:
-    """``_plant`` of a layout from its own seed: one dataset, several planted detection effects."""
+def planted_detections(layout: dict, effects: PlantedEffects, detection_seed: int | None) -> dict:
+    """The planted detections (``_plant``) of a ``dataset_layout`` from their own seed:
+    one dataset, several planted detection effects (or many draws, for simulations)."""
     n = layout["n_people"]
     drng = np.random.default_rng(np.random.SeedSequence([layout["seed"], 0xD7]) if detection_seed is None
                                  else detection_seed)
@@ -315,8 +316,8 @@ def planted_tables(n_rows: int, seed: int = 0, effects: PlantedEffects = Planted
     detection_seed=detection_seed)`` in memory, without embeddings or disk (for
     simulations): (evaluated persons [person_id, image_id, gt boxes, group columns],
     the predictions table, the ok image ids, the manifest's ``planted`` truth)."""
-    layout = _layout(n_rows, seed)
-    predictions = _detections(layout, effects, detection_seed)["predictions"]
+    layout = dataset_layout(n_rows, seed)
+    predictions = planted_detections(layout, effects, detection_seed)["predictions"]
     persons = layout["persons"][layout["persons"]["evaluated"]].reset_index(drop=True)
     return (persons, predictions, np.arange(layout["n_images"]),
             planted_truth(effects, persons, IOU_THRESHOLDS, THRESHOLD))
@@ -332,7 +333,7 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
     detections, so several runs of one dataset can carry different effects. The
     manifest's ``planted`` holds the truth (index.planted).
     """
-    layout = _layout(n_rows, seed)
+    layout = dataset_layout(n_rows, seed)
     run_dir = Path(run_dir)
     rng = layout["rng"]
     n_clusters = n_clusters or int(np.clip(n_rows // 200, 2, 64))
@@ -343,7 +344,7 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
     gt, query_idx, filenames, persons = layout["gt"], layout["query_idx"], layout["filenames"], layout["persons"].copy()
     n_persons = len(person_image)
     person_evaluated = persons["evaluated"].to_numpy()
-    det = _detections(layout, effects, detection_seed)
+    det = planted_detections(layout, effects, detection_seed)
     boxes, score, predictions = det["boxes"], det["score"], det["predictions"]
     person_detected = np.zeros(n_persons, dtype=bool)
     person_detected[:n_people] = det["person_detected"]
