@@ -2,6 +2,7 @@
 
     python bench/extract_bench.py [--images 16] [--levers] [--workdir /tmp/extract_bench]
                                   [--device auto|cpu|cuda] [--batch-size N] [--precision P]
+    python bench/extract_bench.py --whole-process [--images 24] [--repeats 3] [--run-option=--draft]
 
 Writes FACET-sized JPEGs with annotated persons (the synthetic demo scenes upscaled to
 a 1500-pixel shorter side, with sensor-like noise so they compress like photographs) and
@@ -21,6 +22,9 @@ from (a)'s scores so that the plain path keeps about three queries per image. Wi
 ``--levers`` it also times the model alone under each speed lever (CPU).
 ``--device``, ``--batch-size`` and ``--precision`` are passed to (b), and (a) runs on
 the same device; on a GPU the default picks bf16 autocast and batches of 16.
+
+``--whole-process`` instead times both paths as separate processes, the way a user runs
+them, on 2000x1500 real-photo JPEGs (see bench/whole_process.py).
 """
 from __future__ import annotations
 
@@ -210,10 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="device of both paths: auto (CUDA when available), cpu, cuda")
     p.add_argument("--batch-size", type=int, default=0, help="batch size of (b); 0: the extractor's auto")
     p.add_argument("--precision", default="auto", help="precision of (b): auto, fp32, bf16, fp16")
+    p.add_argument("--whole-process", action="store_true",
+                   help="time both paths as whole processes (plain script vs `python -m extractor run`)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved A/B pairs of --whole-process (default 3)")
+    p.add_argument("--run-option", action="append", default=[],
+                   help="extra option of `extractor run` under --whole-process (a lever), e.g. --run-option=--draft")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     shutil.rmtree(args.workdir, ignore_errors=True)
+    if args.whole_process:
+        from whole_process import whole_process
+        whole_process(args.workdir, args.images, args.repeats, args.seed, agreement, pick_threshold,
+                      tuple(args.run_option))
+        return 0
     data = write_dataset(args.workdir / "data", args.images, args.seed)
     sd = seeded_state_dict(args.seed)
     ckpt = args.workdir / "detr-bench-weights.pth"

@@ -97,6 +97,10 @@ def _run_options(r: argparse.ArgumentParser, out_help: str, perturb_help: str, p
     r.add_argument("--perturb", default=None if perturb_required else "none", required=perturb_required,
                    help=perturb_help)
     r.add_argument("--build-index", action="store_true", help="build the FAISS index when done")
+    r.add_argument("--features", default="query",
+                   help="comma-separated feature spaces kept per row: query (always), decoder (every decoder "
+                        "layer), encoder (encoder memory pooled over the box), backbone (layer4 pooled over "
+                        "the box) (default: query)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             threshold=args.threshold, batch_size=args.batch_size, device=args.device, precision=args.precision,
             min_size=args.min_size, max_size=args.max_size, limit=args.limit, where=args.where,
             overwrite=args.overwrite, workers=args.workers, shard_size=args.shard_size, seed=args.seed, draft=args.draft,
+            features=args.features,
             build_index=args.build_index,
             perturb=parse_perturbation(args.perturb) if args.command == "run" else parse_perturbation(None))
         if args.command == "sweep":

@@ -24,16 +24,28 @@ With ``return_attention=True`` also (same values for the three outputs above):
   probabilities, mean over the 8 heads; padded cells are 0, each query sums to 1.
 - ``encoder_attention`` ``[B, h*w, h*w]``   last encoder layer self-attention
   probabilities, mean over heads (row = query cell, column = key cell, row-major).
+
+With ``return_features=True`` also (same values for the outputs above; the official model's
+tensors of the same names in its ``return_intermediate_dec=True`` configuration):
+
+- ``backbone_features`` ``[B, 2048, h, w]``  ResNet layer4 output (the input of ``input_proj``).
+- ``encoder_memory``    ``[B, h*w, 256]``    last encoder layer output (row-major cells).
+- ``decoder_layers``    ``[B, 6, Q, 256]``   every decoder layer's output after the decoder's
+  final LayerNorm; ``decoder_layers[:, -1]`` is ``query_embeddings``.
+- ``feature_mask``      ``[B, h, w]`` bool   True on padding cells of the feature grid
+  (all False when nothing is padded).
 """
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
+
+from .resnet import Bottleneck, trunk_modules
 
 __all__ = ["BACKBONES", "DETR", "FrozenBatchNorm2d", "HIDDEN_DIM", "NUM_CLASSES", "NUM_QUERIES",
            "PERSON_CLASS", "SinePositionEncoding", "build_detr", "fold_frozen_batchnorm"]
@@ -83,14 +95,10 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, name: str, dilation: bool) -> None:
         super().__init__()
-        factory = {"resnet50": torchvision.models.resnet50,
-                   "resnet101": torchvision.models.resnet101}[name]
-        net = factory(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                      norm_layer=FrozenBatchNorm2d)
-        # Re-register the trunk under the same names (fc/avgpool dropped) so the keys stay
-        # "backbone.0.body.<torchvision name>".
-        for child in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-            self.add_module(child, getattr(net, child))
+        # Same names as torchvision's (fc/avgpool dropped), so the keys stay
+        # "backbone.0.body.<torchvision name>"; extractor.resnet says why not torchvision itself.
+        for child, module in trunk_modules(name, dilation, FrozenBatchNorm2d).items():
+            self.add_module(child, module)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -274,6 +282,17 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
 
+@dataclass
+class TransformerOutput:
+    """What one transformer pass computes; the intermediate tensors only when asked."""
+
+    hs: Tensor                        # [B, Q, D] last decoder layer after the final norm
+    memory: Tensor | None             # [B, L, D] last encoder layer output
+    intermediate: Tensor | None       # [B, n_dec, Q, D] every decoder layer after the final norm
+    enc_weights: Tensor | None        # [B, L, L]
+    dec_weights: Tensor | None        # [B, Q, L]
+
+
 class Transformer(nn.Module):
     """6 + 6 post-norm layers; the decoder starts from zeros and ends with a LayerNorm."""
 
@@ -292,6 +311,13 @@ class Transformer(nn.Module):
         """src ``[B,L,D]``, pos ``[B or 1,L,D]``, key_padding_mask ``[B,L]`` or None,
         query_pos ``[Q,D]`` -> decoder output ``[B,Q,D]`` (after the final norm),
         encoder weights ``[B,L,L]`` and decoder cross weights ``[B,Q,L]`` (None unless asked)."""
+        out = self.run(src, pos, key_padding_mask, query_pos, return_attention)
+        return out.hs, out.enc_weights, out.dec_weights
+
+    def run(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor | None, query_pos: Tensor,
+            return_attention: bool = False, return_features: bool = False) -> TransformerOutput:
+        """As ``forward``; with ``return_features`` also the encoder memory and every decoder
+        layer's output through the final norm (the official ``return_intermediate``)."""
         enc_layers, dec_layers = self.encoder.layers, self.decoder.layers
         memory, enc_weights = src, None
         for i, layer in enumerate(enc_layers):
@@ -302,11 +328,17 @@ class Transformer(nn.Module):
         query_pos = query_pos[None]
         tgt = torch.zeros(memory.shape[0], query_pos.shape[1], memory.shape[2],
                           dtype=memory.dtype, device=memory.device)
-        dec_weights = None
+        dec_weights, intermediate = None, []
         for i, layer in enumerate(dec_layers):
             tgt, dec_weights = layer(tgt, query_pos, memory, memory_keys, key_padding_mask,
                                      return_attention and i == len(dec_layers) - 1)
-        return self.decoder.norm(tgt), enc_weights, dec_weights
+            if return_features and i < len(dec_layers) - 1:
+                intermediate.append(self.decoder.norm(tgt))
+        hs = self.decoder.norm(tgt)
+        if not return_features:
+            return TransformerOutput(hs, None, None, enc_weights, dec_weights)
+        # The last entry is hs itself, so decoder_layers[:, -1] equals query_embeddings bit for bit.
+        return TransformerOutput(hs, memory, torch.stack(intermediate + [hs], dim=1), enc_weights, dec_weights)
 
 
 class MLP(nn.Module):
@@ -341,7 +373,7 @@ class DETR(nn.Module):
         self.backbone = Joiner(Backbone(backbone, dilation), SinePositionEncoding(dim // 2))
 
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor | None = None,
-                return_attention: bool = False) -> dict[str, Tensor]:
+                return_attention: bool = False, return_features: bool = False) -> dict[str, Tensor]:
         _check_inputs(pixel_values, pixel_mask)
         features, positions, mask = self.backbone(pixel_values, pixel_mask)
         src = self.input_proj(features)
@@ -349,16 +381,23 @@ class DETR(nn.Module):
         src = src.flatten(2).transpose(1, 2)  # [B, h*w, D], row-major over the grid
         positions = positions.flatten(2).transpose(1, 2)
         key_padding_mask = None if mask is None else mask.flatten(1)
-        hs, enc_weights, dec_weights = self.transformer(
-            src, positions, key_padding_mask, self.query_embed.weight, return_attention)
+        t = self.transformer.run(src, positions, key_padding_mask, self.query_embed.weight,
+                                 return_attention, return_features)
+        hs = t.hs
         out = {
             "pred_logits": self.class_embed(hs),
             "pred_boxes": self.bbox_embed(hs).sigmoid(),
             "query_embeddings": hs,
         }
         if return_attention:
-            out["decoder_attention"] = dec_weights.unflatten(-1, (h, w))
-            out["encoder_attention"] = enc_weights
+            out["decoder_attention"] = t.dec_weights.unflatten(-1, (h, w))
+            out["encoder_attention"] = t.enc_weights
+        if return_features:
+            out["backbone_features"] = features
+            out["encoder_memory"] = t.memory
+            out["decoder_layers"] = t.intermediate
+            out["feature_mask"] = (torch.zeros((batch, h, w), dtype=torch.bool, device=src.device)
+                                   if mask is None else mask)
         return out
 
 
@@ -404,7 +443,7 @@ def fold_frozen_batchnorm(model: DETR) -> DETR:
     for module in list(folded.modules()):
         if isinstance(module, ResNetTrunk):
             pairs = [("conv1", "bn1")]
-        elif isinstance(module, torchvision.models.resnet.Bottleneck):
+        elif isinstance(module, Bottleneck):
             pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
             if module.downsample is not None:
                 pairs.append(("downsample.0", "downsample.1"))

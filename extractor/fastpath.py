@@ -17,6 +17,7 @@ embeddings measurably (see the README).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections import OrderedDict
@@ -25,12 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from .detr import DETR, fold_frozen_batchnorm
+from .policy import POLICY
 
 log = logging.getLogger(__name__)
 
-# Shapes kept packed at once: images are processed sorted by aspect ratio, so the same
-# few shapes come in runs; each packed copy of R50 is ~100 MB.
-PACKED_SHAPES = 3
+PACKED_SHAPES = POLICY.packed_shapes  # shapes kept packed at once (extractor/policy.py says why)
 
 
 def _mkldnn_ops():
@@ -142,11 +142,23 @@ def optimise_for_inference(model: DETR, device: str, precision: str) -> nn.Modul
         log.info("oneDNN fused convolutions unavailable; using channels-last + folded batch norms")
         return fast
     body = fast.backbone[0].body
-    fused = FusedTrunk(body, ops)
-    if not _agrees(body, fused):
+    probe = _probe_trunk(body)
+    if not _agrees(probe, FusedTrunk(probe, ops)):
         return fast
+    fused = FusedTrunk(body, ops)
     fast.backbone[0].body = fused
     return fast
+
+
+def _probe_trunk(body: nn.Module) -> nn.Module:
+    """The stem and the first block of each layer of ``body`` (sharing its convolutions): every kind
+    of fused call the full trunk makes (strided, dilated, downsampling, residual add), for a
+    quarter of the packing and forward cost of checking the whole trunk at each start."""
+    probe = copy.copy(body)
+    probe._modules = dict(body._modules)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        probe._modules[name] = nn.Sequential(body._modules[name][0])
+    return probe
 
 
 def _agrees(reference: nn.Module, candidate: nn.Module) -> bool:

@@ -10,6 +10,7 @@ import pandas as pd
 from . import rundir
 from .checkpoints import LoadedCheckpoint
 from .datasets import Dataset
+from .features import POOLING_RULE, feature_dtype, feature_files, feature_shape
 from .groups import ATTRIBUTE_COLUMNS
 from .plan import Plan
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -22,19 +23,31 @@ DETECTION_COLUMNS = ("det_id", "image_id", "filename", "query_idx", "score", "x1
                      "person_id", "iou", "detected", "matched", "has_person")
 def assemble_rows(plan: Plan, shards: list[dict]) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
     """(rows sorted by image and query, their embeddings, image statuses) from the shards."""
+    rows, emb, status, _ = assemble_with_features(plan, shards, ())
+    return rows, emb, status
+
+
+def assemble_with_features(plan: Plan, shards: list[dict], files: list[str] | tuple[str, ...]
+                           ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, dict[str, np.ndarray]]:
+    """``assemble_rows`` plus the feature files' arrays in the same row order."""
     frames, embs, statuses = [], [], []
+    feats: dict[str, list[np.ndarray]] = {f: [] for f in files}
     for sh in shards:
         statuses.append(sh["status"])
         if sh["rows"] is not None:
             frames.append(sh["rows"])
             embs.append(sh["embeddings"])
+            for f in files:
+                feats[f].append(sh["features"][f])
     status = pd.concat(statuses, ignore_index=True) if statuses else pd.DataFrame(columns=["image_id", "status"])
     if not frames:
-        return pd.DataFrame(), np.zeros((0, EMBEDDING_DIM), np.float32), status
+        empty = {f: np.zeros((0, *feature_shape(f)), feature_dtype(f)) for f in files}
+        return pd.DataFrame(), np.zeros((0, EMBEDDING_DIM), np.float32), status, empty
     rows = pd.concat(frames, ignore_index=True)
     emb = np.concatenate(embs).astype(np.float32, copy=False)
     order = np.lexsort((rows["query_idx"].to_numpy(), rows["image_id"].to_numpy()))
-    return rows.iloc[order].reset_index(drop=True), emb[order], status
+    arrays = {f: np.ascontiguousarray(np.concatenate(v)[order]) for f, v in feats.items()}
+    return rows.iloc[order].reset_index(drop=True), emb[order], status, arrays
 
 
 def assemble_predictions(shards: list[dict]) -> pd.DataFrame:
@@ -113,9 +126,12 @@ def build_tables(plan: Plan, rows: pd.DataFrame, status: pd.DataFrame):
 def write_outputs(s: ExtractSettings, plan: Plan, dataset: Dataset, ckpt: LoadedCheckpoint, shards: list[dict],
                   fields: dict, fp: str, timings: dict, t0: float) -> dict:
     """Assemble the shards and write the run through the run-format writer; -> manifest dict."""
-    rows, emb, status = assemble_rows(plan, shards)
+    files = feature_files(s.features)
+    rows, emb, status, arrays = assemble_with_features(plan, shards, files)
     det, persons, images = build_tables(plan, rows, status)
     pred = assemble_predictions(shards)
+    by_file = {space.file: name for name, space in rundir.FEATURE_SPACES.items()}
+    features = {by_file[f]: arr for f, arr in arrays.items()}
     skipped_counts: dict[str, int] = {}
     for row in plan.skipped:
         kind = row.reason.split(":", 1)[0]
@@ -133,7 +149,8 @@ def write_outputs(s: ExtractSettings, plan: Plan, dataset: Dataset, ckpt: Loaded
                     "untrained": ckpt.untrained, "seed": ckpt.seed},
         preprocessing={"min_size": s.min_size, "max_size": s.max_size, "mean": IMAGENET_MEAN,
                        "std": IMAGENET_STD, "resize": "PIL bilinear", "jpeg_draft": s.draft,
-                       "device": s.device, "precision": s.precision, "batch_size": s.batch_size},
+                       "device": s.device, "precision": s.precision, "batch_size": s.batch_size,
+                       **({"feature_pooling": POOLING_RULE} if features else {})},
         perturbation=s.perturb.to_manifest(draft=s.draft),
         dataset={"root": str(dataset.root), "format": dataset.format, "annotations": str(dataset.annotations),
                  "annotations_sha256": plan.annotations_sha256, "rows_read": dataset.rows_read,
@@ -144,7 +161,7 @@ def write_outputs(s: ExtractSettings, plan: Plan, dataset: Dataset, ckpt: Loaded
         timings=dict(timings, total_s=round(time.perf_counter() - t0, 3)),
     )
     written = rundir.write_run(s.out, manifest, images=images, persons=persons, detections=det, embeddings=emb,
-                               predictions=pred)
+                               predictions=pred, features=features)
     c = written.counts
     log.info("done: %d images (%d failed), %d persons, %d detected, %d kept detections, %d rows -> %s",
              c["images"], c["images_failed"], c["persons"], c["persons_detected"], c["detections_kept"],

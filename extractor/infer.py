@@ -71,13 +71,14 @@ def autocast(device: str, precision: str):
 
 
 def forward(model: torch.nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None,
-            device: str, precision: str, return_attention: bool = False) -> dict[str, torch.Tensor]:
-    """One batch through DETR; every output comes back float32 on the CPU."""
+            device: str, precision: str, return_attention: bool = False,
+            return_features: bool = False) -> dict[str, torch.Tensor]:
+    """One batch through DETR; every float output comes back float32 on the CPU (masks stay bool)."""
     with torch.inference_mode(), autocast(device, precision):
         out = model(pixel_values.to(device, non_blocking=True),
                     None if pixel_mask is None else pixel_mask.to(device, non_blocking=True),
-                    return_attention=return_attention)
-    return {k: v.float().cpu() for k, v in out.items()}
+                    return_attention=return_attention, return_features=return_features)
+    return {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}
 
 
 @dataclass(frozen=True)

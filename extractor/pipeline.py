@@ -26,6 +26,7 @@ from .checkpoints import LoadedCheckpoint, build_model
 from .datasets import Dataset, read_dataset, select_persons
 from .finalize import write_outputs
 from .fastpath import optimise_for_inference
+from .features import feature_files, row_features
 from .infer import forward
 from .matching import PERSON_CLASS, class_probabilities, cxcywh_to_xyxy_pixels, match_image, query_predictions
 from .plan import Plan, make_plan
@@ -83,9 +84,12 @@ def run_extraction(settings: ExtractSettings,
 
     t_model = time.perf_counter()
     n_todo_images = sum(len(plan.shards[i]) for i in todo)
+    # Wall-clock stamps of the first and last finished image: the whole-process bench splits
+    # a run's fixed cost (process start to first image) from its per-image cost with them.
+    clock: dict[str, float] = {}
     with tqdm(total=n_todo_images, unit="img", desc="extract", dynamic_ncols=True) as bar:
         kept_total = 0
-        for shard_idx, results in _process(model, plan, s, todo):
+        for shard_idx, results in _process(model, plan, s, todo, clock):
             _write_shard(shard_root / shard_name(shard_idx), results, keys[shard_idx])
             kept_total += int(sum(r["rows"]["detected"].sum() for r in results if r["rows"] is not None))
             bar.update(len(results))
@@ -96,7 +100,8 @@ def run_extraction(settings: ExtractSettings,
 
     shards = [_read_shard(shard_root / shard_name(i)) for i in range(len(plan.shards))]
     timings = {"total_s": None, "extract_s": round(t_extract, 3), "images_this_session": n_todo_images,
-               "images_per_s": round(n_todo_images / t_extract, 3) if t_extract > 0 and n_todo_images else None}
+               "images_per_s": round(n_todo_images / t_extract, 3) if t_extract > 0 and n_todo_images else None,
+               "first_image_unix": clock.get("first"), "last_image_unix": clock.get("last")}
     manifest = write_outputs(s, plan, dataset, ckpt, shards, fields, fp, timings, t0)
     shutil.rmtree(s.out / rundir.WORK_DIR, ignore_errors=True)
     if s.build_index:
@@ -112,8 +117,8 @@ def _prepare_out_dir(s: ExtractSettings, fp: str, fields: dict) -> bool:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()):
-        known = {p.name for p in out.iterdir()} & (set(rundir.OUTPUTS) | {rundir.WORK_DIR, rundir.INDEX_DIR,
-                                                                          rundir.CACHE_DIR})
+        known = {p.name for p in out.iterdir()} & (set(rundir.OUTPUTS) | set(rundir.FEATURE_FILES) | {
+            rundir.WORK_DIR, rundir.INDEX_DIR, rundir.CACHE_DIR})
         if not known:
             raise ValueError(f"--out {out} is a non-empty directory that is not a run; choose a new one")
         previous = None
@@ -155,8 +160,11 @@ def _difference(before: dict | None, now: dict) -> str:
         else "an older version of the tool"
 
 
-def _process(model, plan: Plan, s: ExtractSettings, todo: list[int]) -> Iterator[tuple[int, list[dict]]]:
-    """Decode ahead in threads (PIL releases the GIL) while the model runs; yields per shard."""
+def _process(model, plan: Plan, s: ExtractSettings, todo: list[int],
+             clock: dict[str, float]) -> Iterator[tuple[int, list[dict]]]:
+    """Decode ahead in threads (PIL releases the GIL) while the model runs; yields per shard.
+
+    clock: gets time.time() after the first ("first") and the latest ("last") batch."""
     root = s.data
 
     def load(image_id: int):
@@ -187,6 +195,8 @@ def _process(model, plan: Plan, s: ExtractSettings, todo: list[int]) -> Iterator
                         futures.append(pool.submit(load, order[next_submit][1]))
                         next_submit += 1
                 results.extend(_run_batch(model, plan, s, batch_ids, loaded))
+                clock.setdefault("first", time.time())
+                clock["last"] = time.time()
             yield shard_idx, results
 
 
@@ -197,11 +207,18 @@ def _run_batch(model, plan: Plan, s: ExtractSettings, image_ids: list[int], load
     if ok:
         pixel_values, mask = collate([p.pixels for _, p in ok])
         # Same-size batches need no mask: the attention then skips the masking work.
-        out = forward(model, pixel_values, mask if bool(mask.any()) else None, s.device, s.precision)
+        extra = bool(feature_files(s.features))
+        out = forward(model, pixel_values, mask if bool(mask.any()) else None, s.device, s.precision,
+                      return_features=extra)
         probs = class_probabilities(out["pred_logits"]).numpy()
         for b, (iid, prepared) in enumerate(ok):
-            results[iid] = _image_rows(plan, s, iid, prepared, probs[b], out["pred_boxes"][b].numpy(),
-                                       out["query_embeddings"][b].numpy())
+            res = _image_rows(plan, s, iid, prepared, probs[b], out["pred_boxes"][b].numpy(),
+                              out["query_embeddings"][b].numpy())
+            if extra and res["rows"] is not None:
+                input_wh = (prepared.pixels.shape[1], prepared.pixels.shape[0])
+                res["features"] = row_features(out, b, res["rows"]["query_idx"].to_numpy(), input_wh,
+                                               model.stride, s.features)
+            results[iid] = res
     return [results[iid] for iid in image_ids]
 
 
@@ -251,6 +268,9 @@ def _write_shard(path: Path, results: list[dict], key: str) -> None:
             np.save(tmp / "embeddings.npy", np.concatenate(embs))
             pd.concat([r["predictions"] for r in results if r["rows"] is not None], ignore_index=True) \
                 .to_parquet(tmp / rundir.PREDICTIONS, index=False)
+            kept = [r for r in results if r["rows"] is not None]
+            for name in kept[0].get("features", {}):
+                np.save(tmp / name, np.concatenate([r["features"][name] for r in kept]))
         (tmp / KEY_FILE).write_text(key + "\n")
 
     rundir.atomic_dir(path, write)
@@ -267,4 +287,5 @@ def _read_shard(path: Path) -> dict:
         predictions = pd.read_parquet(path / rundir.PREDICTIONS)
     else:
         rows, emb, predictions = None, np.zeros((0, 256), np.float32), None
-    return {"status": status, "rows": rows, "embeddings": emb, "predictions": predictions}
+    features = {name: np.load(path / name) for name in rundir.FEATURE_FILES if (path / name).is_file()}
+    return {"status": status, "rows": rows, "embeddings": emb, "predictions": predictions, "features": features}

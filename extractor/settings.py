@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .infer import resolve_device, resolve_precision
 from .perturb import Perturbation
+from .policy import POLICY
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class ExtractSettings:
     draft: bool = False            # reduced-scale JPEG decoding where it does not upsample (opt-in)
     min_iou: float = 0.5
     build_index: bool = False
+    features: tuple[str, ...] = ("query",)  # extractor/features.py: query, decoder, encoder, backbone
     perturb: Perturbation = Perturbation()   # applied before the resize (extractor/perturb.py)
 
     def resolved(self) -> "ExtractSettings":
@@ -44,6 +45,8 @@ class ExtractSettings:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
         if self.batch_size < 0 or self.shard_size < 1 or self.workers < 0:
             raise ValueError("--batch-size, --workers must be >= 0 and the shard size >= 1")
+        from .features import parse_features
+        features = parse_features(self.features)
         if not isinstance(self.perturb, Perturbation):
             raise ValueError(f"perturb must be a Perturbation (extractor.perturb.parse_perturbation), "
                              f"got {type(self.perturb).__name__}")
@@ -52,20 +55,22 @@ class ExtractSettings:
                              f"decode would shrink: drop --draft")
         device = resolve_device(self.device)
         precision = resolve_precision(self.precision, device)
-        # One image per forward on the CPU: batching does not pay there, and an unpadded
-        # image gives exactly the official single-image numbers.
-        batch = self.batch_size or (16 if device.startswith("cuda") else 1)
-        workers = self.workers or min(8, os.cpu_count() or 1)
+        batch = self.batch_size or POLICY.batch_size(device)
+        workers = self.workers or POLICY.decode_workers()
         shard = max(self.shard_size, batch)
         return replace(self, data=Path(self.data).resolve(), out=Path(self.out).resolve(),
                        device=device, precision=precision, batch_size=batch, workers=workers,
-                       shard_size=shard - shard % batch)
+                       shard_size=shard - shard % batch, features=features)
 
     def fingerprint_fields(self) -> dict:
         """What decides the content of a run: a run dir is only resumed with the same."""
         d = asdict(self)
         for k in ("out", "overwrite", "workers", "build_index", "perturb"):
             d.pop(k)
+        if tuple(d["features"]) == ("query",):
+            d.pop("features")  # runs made before --features existed keep their fingerprint
+        else:
+            d["features"] = list(d["features"])
         # Only a perturbation that changes pixels enters (so runs from before it keep their fingerprint,
         # and darken:1.0 is the plain run).
         if not self.perturb.is_identity:

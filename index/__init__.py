@@ -16,6 +16,8 @@ from index.export import read_csv_bytes, to_csv_bytes
 from index.bootstrap import BootSettings, group_means
 from index.groupings import GROUPINGS, POPULATION_HELP, POPULATIONS, REGISTRY, groups_of, membership, population_rows
 from index.groups import METRICS, GroupSettings, audit_recall, compare, detection_recall, neighbour_composition, similarity
+from index.probe import ProbeSettings, probe
+from index.spaces import SPACES, run_spaces
 from index.store import Run, load_run
 from index.planted import PlantedEffects
 from index.synthetic import write_synthetic_run
@@ -25,5 +27,6 @@ __all__ = [
     "PlantedEffects", "REGISTRY", "Run", "audit_recall", "build_index", "compare", "detection_recall", "group_means",
     "groups_of", "load_run", "membership", "neighbour_composition", "population_rows", "read_csv_bytes", "run_audit",
     "similarity",
+    "ProbeSettings", "SPACES", "probe", "run_spaces",
     "to_csv_bytes", "write_synthetic_run",
 ]

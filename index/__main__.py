@@ -11,11 +11,13 @@ from typing import NoReturn, Sequence
 # Before FAISS's OpenMP starts: spinning waiters stall everything on a busy 2-core machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from extractor.rundir import atomic_write
+from extractor.rundir import atomic_write, read_manifest
 from index.build import AUTO_RAM_SHARE, KINDS, BuildSettings, build_index
 from index.export import to_csv_bytes
 from index.groupings import GROUPINGS, POPULATION_HELP, POPULATIONS, REGISTRY
 from index.groups import METRICS, GroupSettings, compare
+from index.probe import ProbeSettings, probe, spaces_arg
+from index.spaces import SPACES
 from index.store import load_run
 from index.planted import PlantedEffects
 from index.synthetic import write_synthetic_run
@@ -38,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Build RUN/index/ (cosine similarity over L2-normalised embeddings, ids = det_id) "
                                    "and write its manifest with recall, parameters and checksums.")
     b.add_argument("run", type=Path, help="run directory written by the extractor")
+    b.add_argument("--space", choices=(*SPACES, "all"), default="query", metavar="SPACE",
+                   help=f"feature space to index: {', '.join(SPACES)}, or all (every space the run has); "
+                        "query lives in RUN/index/, the others in RUN/index/<space>/ (default: query)")
     b.add_argument("--kind", choices=KINDS, default="auto",
                    help="flat = exact IndexFlatIP; hnsw / ivf = approximate with a tuned search parameter; "
                         "ivfpq = 32-byte codes in RAM re-ranked exactly from embeddings.npy (runs larger than memory); "
@@ -64,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                         "the k nearest neighbours vs its base rate; recall = kept detections (P(person) >= the run's "
                         "threshold) matched at IoU 0.5, per group and the gap; ar / recall50 / recall75 = COCO "
                         "AR@100 over IoU .50:.05:.95 / recall at IoU .50 / .75 of every query labelled person "
-                        "(needs predictions.parquet), with image-bootstrap intervals")
+                        "(needs predictions.parquet), with image-bootstrap intervals; probe = how linearly decodable "
+                        "the grouping is from each feature space (image-grouped cross-validated logistic regression "
+                        "vs a box/score/image-size baseline)")
+    c.add_argument("--space", choices=(*SPACES, "all"), default=None, metavar="SPACE",
+                   help=f"feature space: {', '.join(SPACES)}; all = every space the run has (probe only). "
+                        "Default: query; for probe, all")
     c.add_argument("--population", choices=POPULATIONS, default=None,
                    help=f"rows compared: {POPULATION_HELP} (default: detections; recall and AR always count "
                         "annotated persons of readable images)")
@@ -109,14 +119,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "build":
             settings = BuildSettings(kind=args.kind, seed=args.seed, exact_max_rows=args.exact_max_rows,
                                      target_recall=args.target_recall)
-            build_index(args.run, settings)
+            for space in spaces_arg(args.space, read_manifest(args.run)):
+                build_index(args.run, settings, space)
         elif args.command == "compare":
-            settings = GroupSettings(k=args.k, n_boot=args.n_boot, seed=args.seed, min_group_size=args.min_group_size,
-                                     max_queries_per_group=args.max_queries_per_group,
-                                     same_image_neighbours=args.same_image_neighbours,
-                                     include_unknown=args.include_unknown, include_small=args.include_small)
-            data = to_csv_bytes(compare(load_run(args.run), args.by, args.metric, args.population, settings,
-                                        where=args.where))
+            if args.metric == "probe":
+                spaces = spaces_arg(args.space, read_manifest(args.run), default="all")
+                ps = ProbeSettings(n_boot=args.n_boot, seed=args.seed, min_group_size=args.min_group_size)
+                by = args.by[0] if isinstance(args.by, list) and len(args.by) == 1 else args.by
+                if not isinstance(by, str):
+                    raise ValueError("--metric probe takes one grouping (no intersections yet)")
+                df = probe(args.run, by, spaces, args.population or "persons", ps)
+            else:
+                if args.space == "all":
+                    raise ValueError("--space all is for --metric probe; name one space for the other read-outs")
+                settings = GroupSettings(k=args.k, n_boot=args.n_boot, seed=args.seed,
+                                         min_group_size=args.min_group_size,
+                                         max_queries_per_group=args.max_queries_per_group,
+                                         same_image_neighbours=args.same_image_neighbours,
+                                         include_unknown=args.include_unknown, include_small=args.include_small)
+                df = compare(load_run(args.run, args.space or "query"), args.by, args.metric, args.population,
+                             settings, where=args.where)
+            data = to_csv_bytes(df)
             atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
             log.info("wrote %s", args.out)
         else:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from extractor.rundir import EMBEDDINGS, INDEX_DIR, atomic_write, open_run, write_json
 from index import ivfpq
+from index.spaces import DEFAULT_SPACE, open_space, space_file, space_index_dir
 from index.vectors import CHUNK_ROWS, KnnAccumulator, bad_rows, blocked_knn, file_checksum, normalise
 
 log = logging.getLogger(__name__)
@@ -102,20 +103,23 @@ class BuildSettings:
         return int(max(1, min(n // 39, 2 ** round(np.log2(max(1.0, 2 * np.sqrt(n)))))))
 
 
-def rebuild_hint(run_dir: Path) -> str:
-    return f"rebuild it with `python -m index build {run_dir}`"
+def rebuild_hint(run_dir: Path, space: str = DEFAULT_SPACE) -> str:
+    suffix = "" if space == DEFAULT_SPACE else f" --space {space}"
+    return f"rebuild it with `python -m index build {run_dir}{suffix}`"
 
 
-def build_index(run_dir: Path, settings: BuildSettings = BuildSettings()) -> dict:
-    """Build and write the index of ``run_dir``; returns the index manifest."""
+def build_index(run_dir: Path, settings: BuildSettings = BuildSettings(), space: str = DEFAULT_SPACE) -> dict:
+    """Build and write the index of one feature space of ``run_dir`` (index/spaces.py);
+    returns the index manifest."""
     run_dir = Path(run_dir)
-    xb = open_run(run_dir).embeddings()  # checks every table and the row alignment
+    xb = open_space(run_dir, space)  # checks every table and the row alignment
+    source = space_file(space)
     n, dim = xb.shape
     if n == 0:
         raise ValueError(f"{run_dir} has no embeddings: nothing to index")
 
     started = time.perf_counter()
-    checksum = file_checksum(run_dir / EMBEDDINGS)
+    checksum = file_checksum(run_dir / source)
     kind = settings.resolve_kind(n, dim)
     if kind != "flat" and n < MIN_APPROXIMATE_ROWS:
         raise ValueError(f"{run_dir} has {n} rows: an approximate index needs {MIN_APPROXIMATE_ROWS}; use --kind flat")
@@ -137,7 +141,7 @@ def build_index(run_dir: Path, settings: BuildSettings = BuildSettings()) -> dic
         raise ValueError(f"{run_dir}: {exc}") from None
     build_seconds = time.perf_counter() - started
 
-    index_dir = run_dir / INDEX_DIR
+    index_dir = space_index_dir(run_dir, space)
     index_path = index_dir / INDEX_FILE
     atomic_write(index_path, lambda tmp: faiss.write_index(index, str(tmp)))
     result = {
@@ -150,7 +154,8 @@ def build_index(run_dir: Path, settings: BuildSettings = BuildSettings()) -> dic
         "recall_at_10": recall,
         "build_seconds": round(build_seconds, 3),
         "faiss_version": faiss.__version__,
-        "embeddings": {"file": EMBEDDINGS, "checksum": checksum, "size": (run_dir / EMBEDDINGS).stat().st_size},
+        "space": space,
+        "embeddings": {"file": source, "checksum": checksum, "size": (run_dir / source).stat().st_size},
         "index_file": {"file": INDEX_FILE, "checksum": file_checksum(index_path), "size": index_path.stat().st_size},
         "settings": dataclasses.asdict(settings),
         "ram_policy": {"vector_bytes": int(n * dim * 4), "ram_bytes": int(settings.ram()), "share": AUTO_RAM_SHARE,

@@ -32,7 +32,7 @@ from index.store import Run
 
 log = logging.getLogger(__name__)
 
-METRICS = ("similarity", "neighbours", "recall", *AUDIT_METRICS)
+METRICS = ("similarity", "neighbours", "recall", *AUDIT_METRICS, "probe")
 INTERVAL = "BCa 95%, photos resampled"  # the interval column of every read-out
 __all__ = ["GROUPINGS", "METRICS", "POPULATIONS", "GroupSettings", "audit_recall", "compare", "detection_recall",
            "neighbour_composition", "population_rows", "similarity"]
@@ -363,4 +363,9 @@ def compare(run: Run, by: str | Sequence[str], metric: str, population: str | No
             raise ValueError(f"{metric} counts annotated persons of evaluated images: population must be 'persons', "
                              f"not {population!r}")
         return audit_recall(run, by, metric, settings, where)
+    if metric == "probe":  # the run's own space; index.probe.probe covers several at once
+        from index.probe import ProbeSettings, probe
+        ps = ProbeSettings(n_boot=settings.n_boot, seed=settings.seed, min_group_size=settings.min_group_size)
+        return probe(run.run_dir, by, [run.space], population or "persons", ps, meta=run.meta, images=run.images,
+                     arrays={run.space: run.xb})
     raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")

@@ -25,6 +25,7 @@ from index import ivfpq
 from index.build import (
     INDEX_FILE, INDEX_FORMAT, INDEX_MANIFEST, BuildSettings, rebuild_hint, search_parameters,
 )
+from index.spaces import DEFAULT_SPACE, open_space, space_file, space_index_dir
 from index.vectors import UnitRows, bad_rows, blocked_knn, faiss_threads, file_checksum, normalise
 from index.where import evaluate_where
 
@@ -78,6 +79,7 @@ class Run:
     _image_sizes: np.ndarray = field(repr=False)
     _filters: "OrderedDict[str | None, _Filter]" = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    space: str = DEFAULT_SPACE  # the feature space of xb and the index (index/spaces.py)
 
     @property
     def n(self) -> int:
@@ -247,16 +249,18 @@ def _as_mask(where: object, n: int) -> np.ndarray:
     return arr.copy()
 
 
-def load_run(run_dir: Path | str) -> Run:
-    """Open a run and its index, checking that index, embeddings and metadata agree."""
+def load_run(run_dir: Path | str, space: str = DEFAULT_SPACE) -> Run:
+    """Open a run and the index of one feature space, checking that index, vectors and
+    metadata agree."""
     run_dir = Path(run_dir)
     files = open_run(run_dir)  # version, schemas and row alignment checked here
     manifest = files.manifest.to_json()
-    hint = rebuild_hint(run_dir)
-    index_dir = run_dir / INDEX_DIR
+    hint = rebuild_hint(run_dir, space)
+    index_dir = space_index_dir(run_dir, space)
     manifest_path = index_dir / INDEX_MANIFEST
     if not manifest_path.is_file():
-        raise ValueError(f"{run_dir} has no index: build it with `python -m index build {run_dir}`")
+        what = "no index" if space == DEFAULT_SPACE else f"no {space} index"
+        raise ValueError(f"{run_dir} has {what}: build it with `{hint.split('`')[1]}`")
     try:
         index_manifest = json.loads(manifest_path.read_text())
         settings = BuildSettings(**index_manifest["settings"])
@@ -267,11 +271,12 @@ def load_run(run_dir: Path | str) -> Run:
     if index_manifest.get("format") != INDEX_FORMAT:
         raise ValueError(f"{manifest_path} has index format {index_manifest.get('format')!r}, this tool reads {INDEX_FORMAT}: {hint}")
 
-    xb = files.embeddings()
+    xb = open_space(run_dir, space)
+    source = space_file(space)
     n, dim = xb.shape
     if (n, dim) != (n_built, dim_built):
-        raise ValueError(f"the index was built for {n_built} x {dim_built} embeddings but {EMBEDDINGS} holds {n} x {dim}: {hint}")
-    _check_file(run_dir / EMBEDDINGS, emb, f"{EMBEDDINGS} changed since the index was built", hint)
+        raise ValueError(f"the index was built for {n_built} x {dim_built} vectors but {source} holds {n} x {dim}: {hint}")
+    _check_file(run_dir / source, emb, f"{source} changed since the index was built", hint)
     index_path = index_dir / INDEX_FILE
     _check_file(index_path, idx, f"the index file {index_path} is missing or damaged", hint)
     try:
@@ -294,6 +299,7 @@ def load_run(run_dir: Path | str) -> Run:
     return Run(
         run_dir=run_dir, manifest=manifest, index_manifest=index_manifest, meta=meta, persons=persons,
         images=images, xb=xb, _index=index, _image_codes=codes.astype(np.int64), _image_sizes=np.bincount(codes),
+        space=space,
     )
 
 

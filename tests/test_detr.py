@@ -124,7 +124,15 @@ def test_transformer_ignores_padded_cells_exactly(model: torch.nn.Module) -> Non
         ref, _, _ = tr(src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2), None, queries)
         out, _, _ = tr(padded_src.flatten(2).transpose(1, 2), padded_pos.flatten(2).transpose(1, 2),
                        mask.flatten(1), queries)
+        ref_f = tr.run(src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2), None, queries,
+                       return_features=True)
+        out_f = tr.run(padded_src.flatten(2).transpose(1, 2), padded_pos.flatten(2).transpose(1, 2),
+                       mask.flatten(1), queries, return_features=True)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    # every decoder layer and the memory of the unpadded cells ignore the padding too
+    torch.testing.assert_close(out_f.intermediate, ref_f.intermediate, atol=2e-5, rtol=1e-5)
+    memory = out_f.memory.unflatten(1, (ph, pw))[:, :h, :w].flatten(1, 2)
+    torch.testing.assert_close(memory, ref_f.memory, atol=2e-5, rtol=1e-5)
 
 
 def test_sine_position_encoding_of_unpadded_region_is_unchanged_by_padding() -> None:
@@ -216,3 +224,46 @@ def test_fold_frozen_batchnorm_matches_and_leaves_original(model: torch.nn.Modul
     torch.testing.assert_close(out["query_embeddings"], ref["query_embeddings"], atol=2e-3, rtol=1e-3)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert not any("bn" in k for k in folded.state_dict() if k.startswith("backbone"))
+
+
+def test_return_features_contract(model: torch.nn.Module) -> None:
+    batch = torch.zeros(2, 3, 128, 160)
+    batch[0] = _image(9, 128, 160)
+    batch[1, :, :64, :96] = _image(10, 64, 96)
+    mask = torch.ones(2, 128, 160, dtype=torch.bool)
+    mask[0] = False
+    mask[1, :64, :96] = False
+    with torch.no_grad():
+        plain = model(batch, mask)
+        out = model(batch, mask, return_features=True)
+        with_attention = model(batch, mask, return_attention=True, return_features=True)
+        backbone, _ = model.backbone[0](batch, mask)
+    for key in ("pred_logits", "pred_boxes", "query_embeddings"):
+        torch.testing.assert_close(out[key], plain[key], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(with_attention[key], plain[key], atol=1e-5, rtol=1e-5)
+    assert out["backbone_features"].shape == (2, 2048, 4, 5)
+    assert out["encoder_memory"].shape == (2, 20, 256)
+    assert out["decoder_layers"].shape == (2, 6, 100, 256)
+    assert torch.equal(out["decoder_layers"][:, -1], out["query_embeddings"])
+    # the earlier layers are distinct states, each through the final LayerNorm (zero mean, ~unit std
+    # before its affine terms)
+    assert all((out["decoder_layers"][:, i] - out["decoder_layers"][:, -1]).abs().max() > 1e-3 for i in range(5))
+    torch.testing.assert_close(out["backbone_features"], backbone)
+    # image 1 covers 64x96 pixels -> 2x3 cells; the rest of its 4x5 grid is padding
+    cell_pad = torch.ones(4, 5, dtype=torch.bool)
+    cell_pad[:2, :3] = False
+    assert out["feature_mask"].dtype == torch.bool
+    assert torch.equal(out["feature_mask"][1], cell_pad) and not out["feature_mask"][0].any()
+
+
+def test_return_features_memory_ignores_padding_and_mask_none(model: torch.nn.Module) -> None:
+    # An all-False mask is "no padding": same features, and the feature mask says so.
+    x = _image(11, 96, 128)[None]
+    with torch.no_grad():
+        alone = model(x, None, return_features=True)
+        masked = model(x, torch.zeros(1, 96, 128, dtype=torch.bool), return_features=True)
+    assert not alone["feature_mask"].any() and alone["feature_mask"].shape == (1, 3, 4)
+    for key in ("backbone_features", "encoder_memory", "decoder_layers"):
+        torch.testing.assert_close(masked[key], alone[key], atol=1e-5, rtol=1e-5)
+    # memory row-major over the grid: its cell count is h * w of the backbone map
+    assert alone["encoder_memory"].shape[1] == alone["backbone_features"].shape[-2] * alone["backbone_features"].shape[-1]

@@ -39,6 +39,24 @@ def test_fused_path_equals_reference_unbatched_and_padded_batch(model):
         _close(model(batch, mask), fast(batch, mask))
 
 
+def test_fused_path_keeps_the_feature_outputs(model):
+    fast = fastpath.optimise_for_inference(model, "cpu", "fp32")
+    g = torch.Generator().manual_seed(2)
+    batch = torch.randn(2, 3, 140, 180, generator=g)
+    mask = torch.zeros(2, 140, 180, dtype=torch.bool)
+    mask[1, 100:, :] = True
+    batch[1, :, 100:] = 0
+    with torch.inference_mode():
+        want = model(batch, mask, return_features=True)
+        got = fast(batch.contiguous(memory_format=torch.channels_last), mask, return_features=True)
+    _close(want, got)
+    assert torch.equal(got["feature_mask"], want["feature_mask"]) and got["feature_mask"][1].any()
+    assert torch.equal(got["decoder_layers"][:, -1], got["query_embeddings"])
+    for key in ("backbone_features", "encoder_memory", "decoder_layers"):
+        scale = float(want[key].abs().max())
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4 * scale)
+
+
 def test_original_model_is_untouched(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fastpath.optimise_for_inference(model, "cpu", "fp32")
@@ -72,3 +90,63 @@ def test_cpu_defaults_are_float32_and_one_image_per_batch(tmp_path):
     assert (s.precision, s.batch_size, s.draft) == ("fp32", 1, False)
     with pytest.raises(ValueError, match="fp16 is for CUDA"):
         resolve_precision("fp16", "cpu")
+
+
+@pytest.mark.parametrize("dilation", [False, True], ids=["r50", "r50-dc5"])
+def test_own_resnet_trunk_is_torchvisions(dilation):
+    """extractor.resnet (no torchvision import at run time) against torchvision's ResNet-50:
+    same keys in the same order (the seeded weights are drawn in that order), same numbers."""
+    import torchvision
+    from extractor.detr import FrozenBatchNorm2d
+    ours = build_detr("resnet50", dilation=dilation).backbone[0].body
+    ref = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, dilation],
+                                      norm_layer=FrozenBatchNorm2d)
+    ref_keys = [k for k in ref.state_dict() if not k.startswith("fc.")]
+    assert list(ours.state_dict()) == ref_keys
+    sd = {k.removeprefix("backbone.0.body."): v for k, v in seeded_state_dict(0).items()
+          if k.startswith("backbone.0.body.")}
+    ours.load_state_dict(sd)
+    ref.load_state_dict(sd, strict=False)
+    x = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = ref.layer4(ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))))))
+        assert torch.equal(ours.eval()(x), want)
+
+
+def test_build_model_without_random_init_equals_a_plain_load(tmp_path):
+    from extractor.checkpoints import build_model
+    sd = seeded_state_dict(0)
+    path = tmp_path / "w.pth"
+    torch.save({"model": sd}, path)
+    model, _ = build_model(str(path))
+    ref = build_detr()
+    ref.load_state_dict(sd)
+    x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        _close(ref.eval()(x), model(x))
+    torch.save({"model": {k: v.half() for k, v in sd.items()}}, path)  # not float32: copied and cast
+    half, _ = build_model(str(path))
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+
+
+def test_self_check_probe_catches_a_wrong_fused_convolution(model, monkeypatch):
+    """The cheaper self-check (stem + first block of each layer) still refuses a fused path that
+    computes something else, and the run then keeps the correct unfused convolutions."""
+    if fastpath._mkldnn_ops() is None:
+        pytest.skip("oneDNN fused convolutions are not available in this torch build")
+    real = fastpath._PackedConv.__call__
+    monkeypatch.setattr(fastpath._PackedConv, "__call__", lambda self, x, unary="none": real(self, x, unary) * 1.01)
+    fast = fastpath.optimise_for_inference(model, "cpu", "fp32")
+    assert not isinstance(fast.backbone[0].body, fastpath.FusedTrunk)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.inference_mode():
+        _close(model(x), fast(x))
+
+
+def test_auto_settings_come_from_the_one_speed_policy(tmp_path, monkeypatch):
+    from extractor import policy
+    monkeypatch.setattr(policy, "POLICY", policy.SpeedPolicy(cpu_batch_size=3, max_decode_workers=1))
+    monkeypatch.setattr("extractor.settings.POLICY", policy.POLICY)
+    s = ExtractSettings(data=tmp_path, out=tmp_path / "r", device="cpu").resolved()
+    assert (s.batch_size, s.workers) == (3, 1)
+    assert policy.SpeedPolicy().batch_size("cuda:0") == 16 and policy.SpeedPolicy().batch_size("cpu") == 1

@@ -141,3 +141,24 @@ def test_empty_groups_are_left_out_of_heatmaps_and_named():
     heat = figures.pair_heatmap(df, "centroid_cosine", "t").data[0]
     assert list(heat.y) == ["lighter (n=10)", "darker (n=10)"]
     assert len(figures.pair_heatmap(df, "centroid_cosine", "t", hide_empty=False).data[0].y) == 3
+
+
+def test_probe_by_depth_draws_every_space_with_its_interval(tmp_path):
+    import numpy as np
+
+    from index import ProbeSettings, probe, write_synthetic_run
+    from ui.figures import probe_by_depth
+
+    run = write_synthetic_run(tmp_path / "run", 400, seed=2)
+    rng = np.random.default_rng(0)
+    n = len(np.load(run / "embeddings.npy"))
+    arrays = {"decoder_1": rng.normal(size=(n, 16)).astype(np.float32), "query": np.load(run / "embeddings.npy")}
+    df = probe(run, "mst_band", None, "persons", ProbeSettings(n_boot=50), arrays=arrays)
+    fig = probe_by_depth(df)
+    (trace,) = fig.data
+    assert list(trace.x) == ["decoder_1", "query"]
+    want = df[(df["metric"] == "balanced_accuracy") & (df["group_a"] != "nuisance")]
+    np.testing.assert_allclose(trace.y, want["value"])
+    np.testing.assert_allclose(np.asarray(trace.error_y.array) + trace.y, want["ci_high"])
+    # chance and the nuisance baseline as reference lines
+    assert {a.text for a in fig.layout.annotations} >= {"chance", "nuisance baseline"}

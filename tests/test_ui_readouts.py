@@ -38,3 +38,17 @@ def test_download_bytes_equal_the_cli(ui_demo, tmp_path, by, metric, population,
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == app_bytes
     assert app_bytes.startswith(b"group_a,group_b,metric,value,ci_low,ci_high,n_a,n_b")
+
+
+def test_probe_download_equals_the_cli(tmp_path):
+    run_dir = index.write_synthetic_run(tmp_path / "run", 300, seed=1)
+    settings = index.ProbeSettings(n_boot=40, seed=2, min_group_size=3)
+    app_bytes = index.to_csv_bytes(app.probe((str(run_dir), (0, 0)), "mst_band", "persons", settings))
+    out = tmp_path / "cli.csv"
+    args = [sys.executable, "-m", "index", "compare", str(run_dir), "--by", "mst_band", "--metric", "probe",
+            "--space", "all", "--population", "persons", "--n-boot", "40", "--seed", "2", "--min-group-size", "3",
+            "--out", str(out)]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == app_bytes

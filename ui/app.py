@@ -78,8 +78,8 @@ def untrained_banner(chosen: runs.RunEntry | None) -> None:
 
 
 @st.cache_resource(show_spinner="Opening the run and its index…", max_entries=4)
-def _open_run(run_dir: str, stamp: tuple[int, int]) -> index.Run:
-    return index.load_run(Path(run_dir))
+def _open_run(run_dir: str, stamp: tuple[int, int], space: str = "query") -> index.Run:
+    return index.load_run(Path(run_dir), space)
 
 
 def open_chosen_run() -> index.Run | None:
@@ -111,17 +111,23 @@ def run_key(run: index.Run) -> tuple[str, tuple[int, int]]:
 # ------------------------------------------------------------------ cached read-outs
 @st.cache_data(max_entries=64, show_spinner="Computing the read-out (bootstrap intervals)…")
 def compare(key: tuple[str, tuple[int, int]], by: str | tuple[str, ...], metric: str, population: str | None,
-            settings: index.GroupSettings, where: str | None = None) -> pd.DataFrame:
+            settings: index.GroupSettings, where: str | None = None, space: str = "query") -> pd.DataFrame:
     """``index.compare`` cached by run content and parameters (switching back is instant)."""
-    return index.compare(_open_run(*key), list(by) if isinstance(by, tuple) else by, metric, population, settings,
-                         where=where)
+    return index.compare(_open_run(*key, space), list(by) if isinstance(by, tuple) else by, metric, population,
+                         settings, where=where)
+
+
+@st.cache_data(max_entries=16, show_spinner="Probing every feature space (cross-validated, bootstrap intervals)…")
+def probe(key: tuple[str, tuple[int, int]], by: str, population: str, settings: index.ProbeSettings) -> pd.DataFrame:
+    """``index.probe`` over every feature space of the run, cached like ``compare``."""
+    return index.probe(key[0], by, None, population, settings)
 
 
 def readout(key: tuple[str, tuple[int, int]], by: str | tuple[str, ...], metric: str, population: str | None,
-            settings: index.GroupSettings, where: str | None = None) -> pd.DataFrame | None:
+            settings: index.GroupSettings, where: str | None = None, space: str = "query") -> pd.DataFrame | None:
     """``compare`` for a page: a read-out that cannot be computed is one line of error, not a traceback."""
     try:
-        return compare(key, by, metric, population, settings, where)
+        return compare(key, by, metric, population, settings, where, space)
     except (ValueError, OSError) as exc:
         name = " x ".join(by) if isinstance(by, tuple) else by
         st.error(f"The {metric} read-out by {name} cannot be computed: {exc}")

@@ -348,3 +348,29 @@ def _category_order(label: str) -> tuple:
     if label in bands:
         return (1, bands.index(label), label)
     return (2, 0, label)
+
+
+def probe_by_depth(df: pd.DataFrame, metric: str = "balanced_accuracy") -> go.Figure:
+    """Attribute information by depth: ``metric`` per feature space (in the frame's order) with
+    its interval, the nuisance baseline and chance as horizontal lines; one trace per task of
+    ``df`` (an ``index.probe`` frame)."""
+    fig = go.Figure()
+    chance_metric = "chance_macro_auc" if metric == "macro_auc" else "chance_balanced_accuracy"
+    for task, part in df.groupby("group_b", sort=False):
+        rows = part[part["metric"] == metric]
+        spaces = rows[rows["group_a"] != "nuisance"]
+        fig.add_trace(go.Scatter(
+            x=spaces["group_a"], y=spaces["value"], mode="lines+markers", name=task or metric,
+            error_y=dict(type="data", symmetric=False, array=spaces["ci_high"] - spaces["value"],
+                         arrayminus=spaces["value"] - spaces["ci_low"]),
+            hovertemplate="%{x}: %{y:.3f}<extra>" + (task or metric) + "</extra>"))
+        base = rows[rows["group_a"] == "nuisance"]
+        if len(base):
+            fig.add_hline(y=float(base["value"].iloc[0]), line_dash="dot",
+                          annotation_text=f"nuisance baseline{' ' + task if task else ''}")
+    chance = df.loc[df["metric"] == chance_metric, "value"]
+    if len(chance):
+        fig.add_hline(y=float(chance.iloc[0]), line_dash="dash", line_color="grey", annotation_text="chance")
+    fig.update_layout(xaxis_title="feature space", yaxis_title=metric.replace("_", " "), height=380,
+                      margin=dict(l=10, r=10, t=30, b=10))
+    return fig

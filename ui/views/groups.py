@@ -8,15 +8,18 @@ import streamlit as st
 
 import index
 from index.groupings import REGISTRY, population_rows
+from index.spaces import space_status
 from ui import app, figures, gallery
 
 NONE = "(none)"
 
 
 def cli_command(metric: str, by: tuple[str, ...], population: str | None, where: str | None,
-                settings: index.GroupSettings) -> str:
+                settings: index.GroupSettings, space: str = "query") -> str:
     """The ``python -m index compare`` line that writes the same bytes as the download."""
     parts = ["python", "-m", "index", "compare", "RUN", *[a for b in by for a in ("--by", b)], "--metric", metric]
+    if space != "query" and metric != "recall":
+        parts += ["--space", space]
     if metric != "recall":
         parts += ["--population", population or "detections"]
     if where:
@@ -59,7 +62,8 @@ def render() -> None:
                + f" Populations: {gallery.POPULATION_HELP}. Intervals: 95% BCa, photos resampled with their persons.")
     settings = index.GroupSettings(k=int(k), n_boot=int(n_boot), seed=int(seed), min_group_size=int(min_size))
     key = app.run_key(run)
-    params = dict(by=by, population=population, where=where, settings=settings)
+    space = _space_choice(run)
+    params = dict(by=by, population=population, where=where, settings=settings, space=space)
 
     try:
         n_rows = len(population_rows(run.meta, population, where))
@@ -87,6 +91,34 @@ def render() -> None:
     _download(rec, "recall", params)
     if small or rec["small_group"].any():
         st.info(figures.small_note(settings.min_group_size))
+    _probe_section(run, key, by, population, settings)
+
+
+def _probe_section(run: index.Run, key: tuple, by: str, population: str, settings: index.GroupSettings) -> None:
+    """How linearly decodable the grouping is from every feature space of the run (on request: it fits
+    one cross-validated probe per space)."""
+    st.subheader("Probe: attribute information by depth")
+    spaces = index.run_spaces(run.manifest)
+    st.caption(f"Class-balanced logistic regression on each feature space ({', '.join(spaces)}; PCA to 128 "
+               "dimensions), 5 folds grouped by image, balanced accuracy with image-bootstrap intervals, against "
+               "chance and a baseline on box geometry, score and image size. "
+               + ("" if len(spaces) > 1 else "This run has the final query embedding only: extract it with "
+                  "`--features query,decoder,encoder,backbone` to compare depths."))
+    if not st.toggle("Run the probe", key="grp_probe", help="a few seconds on the demo, about a minute at 50k rows"):
+        return
+    ps = index.ProbeSettings(n_boot=settings.n_boot, seed=settings.seed, min_group_size=settings.min_group_size)
+    pop = "persons" if population == "detections" and int(run.meta["matched"].sum()) < 2 else population
+    try:
+        df = app.probe(key, by, pop, ps)
+    except (ValueError, OSError) as exc:
+        st.error(f"The probe by {by} cannot be computed: {exc}")
+        return
+    metric = st.radio("Probe metric", ("balanced_accuracy", "macro_auc"), horizontal=True, key="grp_probe_metric")
+    st.plotly_chart(figures.probe_by_depth(df, metric), width="stretch", key="grp_probe_fig")
+    cli = (f"python -m index compare RUN --by {by} --metric probe --space all --population {pop} "
+           f"--n-boot {ps.n_boot} --seed {ps.seed} --min-group-size {ps.min_group_size}")
+    st.download_button("probe (CSV)", index.to_csv_bytes(df), file_name=f"probe-{by}-{pop}.csv", mime="text/csv",
+                       key="grp_csv_probe", help=f"Identical to `{cli} --out FILE`")
 
 
 def _disparities(rec: pd.DataFrame) -> None:
@@ -99,10 +131,25 @@ def _disparities(rec: pd.DataFrame) -> None:
                                               "p", "p (Holm)")})
 
 
+def _space_choice(run: index.Run) -> str:
+    """The feature space of the similarity and neighbour read-outs; a space the run lacks (or has
+    no index for) is listed as unavailable, with a note saying how to get it."""
+    status = space_status(run.run_dir, run.manifest)
+    space = st.selectbox("Feature space", index.SPACES, key="grp_space", persist_state="session",
+                         format_func=lambda s: s if not status[s] else f"{s} (unavailable)",
+                         help="query = the final decoder embedding; decoder_k = decoder layer k; encoder_roi / "
+                              "backbone_roi = encoder memory / ResNet layer4 pooled over the person's box")
+    if status[space]:
+        st.info(f"{space} is unavailable in this run: {status[space]}. The read-outs below use query.")
+        return "query"
+    return space
+
+
 def _embedding_readouts(key: tuple, params: dict) -> bool:
     """Similarity matrices and neighbour composition; True when a group is small."""
     by, population, where, settings = params["by"], params["population"], params["where"], params["settings"]
-    sim = app.readout(key, by, "similarity", population, settings, where)
+    space = params.get("space", "query")
+    sim = app.readout(key, by, "similarity", population, settings, where, space)
     if sim is None:
         return False
     st.subheader("Similarity between groups")
@@ -120,7 +167,7 @@ def _embedding_readouts(key: tuple, params: dict) -> bool:
                "geometric mean of the two within-group ones. The mean pairwise cosine is in the CSV.")
     _download(sim, "similarity", params)
 
-    nb = app.readout(key, by, "neighbours", population, settings, where)
+    nb = app.readout(key, by, "neighbours", population, settings, where, space)
     if nb is None:
         return bool(sim["small_group"].any())
     st.subheader("Neighbour composition")
@@ -135,7 +182,8 @@ def _embedding_readouts(key: tuple, params: dict) -> bool:
 def _download(df: pd.DataFrame, metric: str, params: dict) -> None:
     """The same bytes as ``python -m index compare`` with these parameters."""
     population = "persons" if metric == "recall" else params["population"]
-    cli = cli_command(metric, params["by"], population, params["where"], params["settings"])
+    cli = cli_command(metric, params["by"], population, params["where"], params["settings"],
+                      params.get("space", "query"))
     name = "-".join(params["by"])
     st.download_button(f"{metric} (CSV)", index.to_csv_bytes(df), file_name=f"{metric}-{name}-{population}.csv",
                        mime="text/csv", key=f"grp_csv_{metric}", help=f"Identical to `{cli} --out FILE`")
