@@ -258,22 +258,12 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (inter / (area(a) + area(b) - inter)).astype(np.float32)
 
 
-def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: int = 256,
-                        n_clusters: int | None = None, group_shift: float = 0.25,
-                        effects: PlantedEffects = PlantedEffects(), detection_seed: int | None = None) -> Path:
-    """Write a complete synthetic run of ``n_rows`` embeddings to ``run_dir``.
-
-    ``seed`` fixes the dataset (images, persons, attributes, boxes, embeddings);
-    ``detection_seed`` (default: derived from ``seed``) and ``effects`` fix the planted
-    detections, so several runs of one dataset can carry different effects. The
-    manifest's ``planted`` holds the truth (index.planted).
-    """
+def dataset_layout(n_rows: int, seed: int) -> dict:
+    """The dataset part of a run drawn from ``seed`` (images, persons, attributes, boxes,
+    row slots), and ``rng`` positioned where the embeddings start."""
     if n_rows < 2:
         raise ValueError(f"a synthetic run needs at least 2 rows, got {n_rows}")
-    run_dir = Path(run_dir)
     rng = np.random.default_rng(seed)
-    n_clusters = n_clusters or int(np.clip(n_rows // 200, 2, 64))
-
     # Rows: one per annotated person of an ok image (matched or fallback), plus
     # detections matching nobody; a few failed images hold persons without rows.
     n_unmatched = int(round(UNMATCHED_SHARE * n_rows))
@@ -289,8 +279,6 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
     person_image = np.concatenate([row_image[is_person], np.repeat(np.arange(n_images, n_images + n_failed), failed_people)])
     n_persons = len(person_image)
     attrs = _person_attributes(rng, n_persons)
-
-    person_evaluated = np.arange(n_persons) < n_people
     person_row = np.full(n_persons, -1, dtype=np.int64)
     person_row[:n_people] = np.flatnonzero(is_person)
     row_person = np.full(n_rows, -1, dtype=np.int64)
@@ -298,11 +286,65 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
     pw, ph = image_w[person_image], image_h[person_image]
     gt = _person_boxes(rng, person_image, pw.astype(float), ph.astype(float))
     query_idx = (np.arange(n_rows) - np.searchsorted(row_image, row_image) + 7 * row_image) % 100
+    filenames = np.array([f"sa_{i:07d}.jpg" for i in range(n_images + n_failed)], dtype=object)
+    persons = pd.DataFrame({
+        "person_id": np.arange(n_persons, dtype=np.int64), "image_id": person_image.astype(np.int64),
+        "filename": filenames[person_image], **{f"gt_{c}": gt[:, j] for j, c in enumerate(("x1", "y1", "x2", "y2"))},
+    })
+    persons = pd.concat([persons, attrs[list(ATTRIBUTE_COLUMNS)]], axis=1)
+    persons["evaluated"] = np.arange(n_persons) < n_people
+    return {"rng": rng, "seed": seed, "n_rows": n_rows, "n_people": n_people, "n_images": n_images,
+            "n_failed": n_failed, "image_w": image_w, "image_h": image_h, "row_image": row_image,
+            "is_person": is_person, "person_image": person_image, "attrs": attrs, "person_row": person_row,
+            "row_person": row_person, "gt": gt, "query_idx": query_idx, "filenames": filenames, "persons": persons}
 
-    # Detections from their own seed: one dataset, several planted detection effects.
-    drng = np.random.default_rng(np.random.SeedSequence([seed, 0xD7]) if detection_seed is None else detection_seed)
-    det = _plant(drng, effects, attrs.iloc[:n_people].reset_index(drop=True), person_image[:n_people], gt[:n_people],
-                 row_image, row_person, query_idx, image_w, image_h, n_images)
+
+def planted_detections(layout: dict, effects: PlantedEffects, detection_seed: int | None) -> dict:
+    """The planted detections (``_plant``) of a ``dataset_layout`` from their own seed:
+    one dataset, several planted detection effects (or many draws, for simulations)."""
+    n = layout["n_people"]
+    drng = np.random.default_rng(np.random.SeedSequence([layout["seed"], 0xD7]) if detection_seed is None
+                                 else detection_seed)
+    return _plant(drng, effects, layout["attrs"].iloc[:n].reset_index(drop=True), layout["person_image"][:n],
+                  layout["gt"][:n], layout["row_image"], layout["row_person"], layout["query_idx"],
+                  layout["image_w"], layout["image_h"], layout["n_images"])
+
+
+def planted_tables(n_rows: int, seed: int = 0, effects: PlantedEffects = PlantedEffects(),
+                   detection_seed: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, dict]:
+    """The detection part of ``write_synthetic_run(run, n_rows, seed, effects=effects,
+    detection_seed=detection_seed)`` in memory, without embeddings or disk (for
+    simulations): (evaluated persons [person_id, image_id, gt boxes, group columns],
+    the predictions table, the ok image ids, the manifest's ``planted`` truth)."""
+    layout = dataset_layout(n_rows, seed)
+    predictions = planted_detections(layout, effects, detection_seed)["predictions"]
+    persons = layout["persons"][layout["persons"]["evaluated"]].reset_index(drop=True)
+    return (persons, predictions, np.arange(layout["n_images"]),
+            planted_truth(effects, persons, IOU_THRESHOLDS, THRESHOLD))
+
+
+def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: int = 256,
+                        n_clusters: int | None = None, group_shift: float = 0.25,
+                        effects: PlantedEffects = PlantedEffects(), detection_seed: int | None = None) -> Path:
+    """Write a complete synthetic run of ``n_rows`` embeddings to ``run_dir``.
+
+    ``seed`` fixes the dataset (images, persons, attributes, boxes, embeddings);
+    ``detection_seed`` (default: derived from ``seed``) and ``effects`` fix the planted
+    detections, so several runs of one dataset can carry different effects. The
+    manifest's ``planted`` holds the truth (index.planted).
+    """
+    layout = dataset_layout(n_rows, seed)
+    run_dir = Path(run_dir)
+    rng = layout["rng"]
+    n_clusters = n_clusters or int(np.clip(n_rows // 200, 2, 64))
+    n_people, n_images, n_failed = layout["n_people"], layout["n_images"], layout["n_failed"]
+    image_w, image_h, row_image, is_person = layout["image_w"], layout["image_h"], layout["row_image"], layout["is_person"]
+    person_image, attrs, person_row, row_person = (layout["person_image"], layout["attrs"], layout["person_row"],
+                                                   layout["row_person"])
+    gt, query_idx, filenames, persons = layout["gt"], layout["query_idx"], layout["filenames"], layout["persons"].copy()
+    n_persons = len(person_image)
+    person_evaluated = persons["evaluated"].to_numpy()
+    det = planted_detections(layout, effects, detection_seed)
     boxes, score, predictions = det["boxes"], det["score"], det["predictions"]
     person_detected = np.zeros(n_persons, dtype=bool)
     person_detected[:n_people] = det["person_detected"]
@@ -343,7 +385,6 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
             x[dim_lit[lo:hi]] += dim_dir
             yield x
 
-    filenames = np.array([f"sa_{i:07d}.jpg" for i in range(n_images + n_failed)], dtype=object)
     nobody = derive_groups(pd.DataFrame({c: [0] for c in SKIN_COLUMNS + LIGHTING_COLUMNS + GENDER_COLUMNS + AGE_COLUMNS}))
     row_attrs = pd.concat([attrs, nobody], ignore_index=True).iloc[np.where(is_person, row_person, n_persons)]
     detections = pd.DataFrame({
@@ -355,12 +396,6 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
     })
     detections = pd.concat([detections, row_attrs[list(ATTRIBUTE_COLUMNS)].reset_index(drop=True)], axis=1)
 
-    persons = pd.DataFrame({
-        "person_id": np.arange(n_persons, dtype=np.int64), "image_id": person_image.astype(np.int64),
-        "filename": filenames[person_image], **{f"gt_{c}": gt[:, j] for j, c in enumerate(("x1", "y1", "x2", "y2"))},
-    })
-    persons = pd.concat([persons, attrs[list(ATTRIBUTE_COLUMNS)]], axis=1)
-    persons["evaluated"] = person_evaluated
     persons["detected"] = person_detected
     persons["det_id"] = _nullable(person_row, person_detected)
     persons["embedding_det_id"] = _nullable(person_row, person_evaluated)
