@@ -213,10 +213,10 @@ def describe_manifest(manifest: dict) -> list[tuple[str, str]]:
     out.append(("Annotation rows", f"{ds.get('rows_read', '?')} read, {skipped} skipped"
                 + (" (" + ", ".join(f"{k}: {v}" for k, v in by_reason.items()) + ")" if by_reason else "")))
     persons = c.get("persons", "?")
-    detected = c.get("persons_detected", c.get("matched", "?"))
+    detected = c.get("persons_detected", "?")
     out.append(("Persons", f"{persons} annotated persons, {c.get('persons_evaluated', persons)} on readable images, "
                 f"{detected} detected"))
-    kept = c.get("detections_kept", c.get("detections", "?"))
+    kept = c.get("detections_kept", "?")
     parts = [f"{c.get('rows', '?')} embeddings: {kept} kept detections"]
     if "fallback_rows" in c:
         parts.append(f"{c['fallback_rows']} rows of missed persons")
