@@ -38,6 +38,7 @@ import pandas as pd
 
 from extractor.groups import UNKNOWN
 from extractor.rundir import DETECTIONS, IMAGES, read_manifest
+from index.bootstrap import BootSettings, image_index, image_weights
 from index.groupings import membership, population_rows
 from index.spaces import DEFAULT_SPACE, open_space, run_spaces
 
@@ -240,13 +241,6 @@ def _weighted_auc_ties(s: np.ndarray, pos: np.ndarray, idx: np.ndarray, C: np.nd
     return out
 
 
-def resample_counts(rng: np.random.Generator, n: int, rounds: int) -> np.ndarray:
-    """float32 [rounds, n]: how often each of n images is drawn in a resample of size n.
-    (To move onto index.bootstrap's image weights at integration.)"""
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=rounds).astype(np.float32) if n else \
-        np.zeros((rounds, 0), np.float32)
-
-
 def percentile_interval(boot: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     tail = 100 * (1 - level) / 2
     with warnings.catch_warnings():
@@ -331,8 +325,14 @@ def _probe(run_dir: Path | str, by: str, spaces: list[str] | tuple[str, ...] | N
             sources.append((space, load))
 
         # One set of image draws for every space: the intervals of two spaces (and of a space
-        # minus the baseline) come from the same resamples.
-        draws = resample_counts(np.random.default_rng(settings.seed), n_images, settings.n_boot)
+        # minus the baseline) come from the same resamples, those of index.bootstrap (the
+        # rounds every other read-out of these images uses), columns put in ``codes`` order.
+        image_ids = frame["image_id"].to_numpy()[keep]
+        first = np.unique(codes, return_index=True)[1]  # a row of each code, codes 0..n_images-1
+        uniq, _ = image_index(image_ids)
+        order = np.searchsorted(uniq, image_ids[first])
+        draws = np.concatenate(list(image_weights(uniq, BootSettings(n_boot=settings.n_boot, seed=settings.seed))))
+        draws = draws[:, order]
 
         def score(source):
             X = source[1]()
