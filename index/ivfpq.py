@@ -1,6 +1,6 @@
 """IVF-PQ for runs larger than memory: compressed codes in RAM, exact re-ranking from disk.
 
-The index holds a 32-byte product-quantised code per row (FAISS ``IndexIVFPQ``, inner
+The index holds a 64-byte product-quantised code per row (FAISS ``IndexIVFPQ``, inner
 product on unit vectors, residuals to the coarse centroid). A query asks it for the
 ``rerank`` best candidates by approximate score, reads those rows from the
 memory-mapped ``embeddings.npy`` and returns the top k by exact cosine. So the
@@ -8,8 +8,8 @@ distances are exact and the answer is wrong only where a true neighbour is not a
 the candidates.
 
 Why PQ and not scalar quantisation: the index of 5M x 256 rows must stay under 0.5 GB.
-SQ8 stores 256 bytes a row (1.3 GB at 5M) and SQ4 128 (0.7 GB, ids included); PQ32 stores
-32 (+8 for the id), 0.2 GB, and the exact re-ranking recovers what the codes lose.
+SQ8 stores 256 bytes a row (1.3 GB at 5M) and SQ4 128 (0.7 GB, ids included); PQ64 stores
+64 (+8 for the id), 0.36 GB, and the exact re-ranking recovers what the codes lose.
 
 Tuning needs no re-ranking: a true neighbour found among the candidates is always
 ranked back into the top k by the exact scores, so recall@k after re-ranking equals
