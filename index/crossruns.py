@@ -46,7 +46,7 @@ from index.bootstrap import BootSettings, estimate, group_means, holm, resample
 from index.disparity import eligible
 from index.groupings import ALL, groups_of, population_mask
 from index.groups import GroupSettings, Readout, neighbour_readout, similarity_readout
-from index.spaces import INDEX_SPACES, check_space, run_spaces
+from index.spaces import check_space, how_to_add, run_spaces
 from index.store import Run, load_run
 
 log = logging.getLogger(__name__)
@@ -246,9 +246,7 @@ def open_space_runs(run_dirs: Sequence[Path], space: str) -> list[Run]:
     out = []
     for r in run_dirs:
         if space not in run_spaces(read_manifest(r)):
-            raise ValueError(f"run {r.name} ({r}) has no {space} features: extract it with `python -m extractor run "
-                             f"... --features query,{INDEX_SPACES[space][2]}`, then `python -m index build {r} "
-                             f"--space {space}`")
+            raise ValueError(f"run {r.name} ({r}) has no {space} features: extract it with {how_to_add(space, str(r))}")
         try:
             out.append(load_run(r, space))
         except ValueError as exc:
