@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Per run and group the metric with its interval; against the first run the "
                                    "paired difference per group and the difference-in-differences between groups, "
                                    "all from one image-cluster bootstrap (the same photos in every round for "
-                                   "every run). Population: persons evaluated in every run.")
+                                   "every run). Population: persons evaluated in every run (similarity / neighbours: "
+                                   "each run's --population in --space, paired on the union of the runs' photos).")
     r.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories of one dataset; the first is the reference")
     r.add_argument("--metric", required=True, choices=("ar", "recall50", "recall75", "recall", *SPACE_METRICS),
                    help="per-person metric: recall = threshold recall (persons.detected); ar / recall50 / recall75 "
