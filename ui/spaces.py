@@ -16,7 +16,10 @@ from extractor.infer import PhotoDetections
 from index.spaces import DEFAULT_SPACE, feature_of, run_spaces, space_file, space_rows
 
 SPACE_HELP = ("query = the final decoder embedding; decoder_k = decoder layer k; encoder_roi / backbone_roi = "
-              "encoder memory / ResNet layer4 pooled over the person's box (RoIAlign 7x7, mean)")
+              "encoder memory / ResNet layer4 pooled over the person's box (RoIAlign 7x7, mean). The page's search, "
+              "map or read-outs use the chosen space's index (RUN/index/<space>/); a query photo is embedded in it by "
+              "the run's DETR with the extractor's own pooling. A space marked unavailable needs `python -m extractor "
+              "run ... --features ...` and/or `python -m index build RUN --space S`.")
 
 
 def space_label(space: str, status: dict[str, str]) -> str:

@@ -106,7 +106,7 @@ def _uploaded() -> Photo | None:
         st.caption(f"Showing **{name}**, your last upload, kept while you visited other pages.")
     else:
         st.caption("The photo goes through the run's own DETR (same weights, resize and precision); pick a detected "
-                   "person to find the most similar persons of the run.")
+                   "person to find the most similar persons of the run in the chosen feature space.")
         return None
     try:
         img = _decoded(photos.digest(data), data, name)
