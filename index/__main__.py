@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                         "query lives in RUN/index/, the others in RUN/index/<space>/ (default: query)")
     b.add_argument("--kind", choices=KINDS, default="auto",
                    help="flat = exact IndexFlatIP; hnsw / ivf = approximate with a tuned search parameter; "
-                        "ivfpq = 32-byte codes in RAM re-ranked exactly from embeddings.npy (runs larger than memory); "
+                        "ivfpq = 64-byte codes in RAM re-ranked exactly from embeddings.npy (runs larger than memory); "
                         "auto = flat up to --exact-max-rows rows, ivf above, ivfpq once the float32 vectors exceed "
                         f"{AUTO_RAM_SHARE:g} of RAM (default: auto)")
     b.add_argument("--seed", type=int, default=0, help="seed of the training sample and recall queries (default: 0)")
