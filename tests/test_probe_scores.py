@@ -3,6 +3,7 @@ delete-one-image jackknife against brute force, coverage of a planted truth."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from index.coverage import PlantedScores, probe_coverage
@@ -40,6 +41,7 @@ def test_jackknife_is_the_statistic_with_one_image_left_out():
     assert np.isnan(j[codes[0]]) and np.isfinite(np.delete(j, codes[0])).all()
 
 
+@pytest.mark.slow
 def test_image_cluster_bca_covers_a_planted_truth_and_independent_persons_do_not():
     """150 seeded replications of a fixed rule whose persons share their photo's effect: the
     image-cluster intervals cover the closed-form truth in ~95%, the person-level ones far less."""
