@@ -52,16 +52,23 @@ def run_extraction(settings: ExtractSettings,
                    model: tuple[torch.nn.Module, LoadedCheckpoint] | None = None) -> RunResult:
     """Extract embeddings for ``settings.data`` into ``settings.out`` (see module doc).
 
-    progress: called with (images done, images to do) after every shard (the app's
-    progress bar); the terminal gets a tqdm bar either way. model: ``build_model``'s
+    progress: called with (images done, images to do) after every shard (the app's progress
+    bar; with ``executor="ray"`` as the workers report batches); the terminal gets a tqdm bar
+    either way. model: ``build_model``'s
     result for these settings' checkpoint and seed, to load it once for several runs.
     """
     t0 = time.perf_counter()
-    cluster = None
     if settings.executor == "ray":
         from .ray_run import RayCluster  # optional extra: a one-line error without it
         cluster = RayCluster.connect(settings)
-        settings = cluster.settle(settings)
+        try:
+            return _run(cluster.settle(settings), progress, model, cluster, t0)
+        finally:
+            cluster.close()  # the actors' CPUs/GPUs are freed whatever happened
+    return _run(settings, progress, model, None, t0)
+
+
+def _run(settings: ExtractSettings, progress, model, cluster, t0: float) -> RunResult:
     s = settings.resolved(local_device=cluster is None)
     dataset = read_dataset(s.data, s.annotations)
     if cluster is not None:
@@ -78,8 +85,6 @@ def run_extraction(settings: ExtractSettings,
     if _prepare_out_dir(s, fp, fields):
         manifest = rundir.read_manifest(s.out)
         log.info("%s is already complete with these settings; nothing to do (use --overwrite to redo)", s.out)
-        if cluster is not None:
-            cluster.close()
         return RunResult(s.out, manifest, 0, 0)
 
     work_dir = s.out / rundir.WORK_DIR

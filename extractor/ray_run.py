@@ -253,6 +253,11 @@ class ShardWorker:
         from .checkpoints import model_from_checkpoint
         from .fastpath import optimise_for_inference
         ckpt, plan, s, keys, shard_root = ray.get(job_ref)
+        if not (Path(s.data).is_dir() and Path(shard_root).is_dir()):
+            # Else every image would be recorded as missing and the run would look finished.
+            import socket
+            raise ValueError(f"node {socket.gethostname()} does not see {s.data} or {shard_root}: the dataset and "
+                             "the run directory must be on a filesystem every node sees at the same path")
         self.s = replace(s, workers=self.decode_workers)
         self.plan, self.keys, self.shard_root = plan, keys, Path(shard_root)
         model = model_from_checkpoint(ckpt, self.s.device)
