@@ -8,15 +8,17 @@ each feature space of a run (index/spaces.py):
 2. folds: ``StratifiedGroupKFold`` grouped by image (a photo is never in train and test),
    computed once and shared by every space and by the baseline, so all of them are scored
    on the same held-out photos;
-3. per fold: standardise, PCA to ``pca_dim`` dimensions (fitted on at most
-   ``pca_fit_rows`` training rows; 256-d spaces keep 128 of their 256 directions), and a
+3. per space: standardise and PCA to ``pca_dim`` dimensions, label-free and fitted once on
+   all rows before the folds (exact up to 512-d, a randomised SVD of ``pca_fit_rows`` rows
+   above; it never sees a label, so nothing of the test labels leaks); per fold a
    class-balanced multinomial logistic regression (scikit-learn, lbfgs, L2 with ``C``);
 4. out-of-fold probabilities give ``balanced_accuracy`` (mean per-class recall of the
    argmax), ``macro_auc`` (mean one-vs-rest ROC AUC) and ``class_recall`` per class;
    ``chance_balanced_accuracy`` is 1 / classes and ``chance_macro_auc`` 0.5;
-5. intervals: a seeded image-cluster bootstrap of the out-of-fold predictions (images
-   drawn with replacement, their persons with them; the same draws for every space), 95%
-   percentile, widened to contain the estimate where a skewed bootstrap leaves it outside;
+5. intervals: 95% BCa from a seeded image-cluster bootstrap of the out-of-fold predictions
+   (images drawn with replacement, their persons with them; the same draws for every space)
+   and the exact delete-one-image jackknife (index.probe_scores); conditional on the fitted
+   folds (a round reweights held-out persons, it does not refit);
 6. the baseline ``nuisance``: the same probe on box geometry, detection score and image
    size only, so that "the features know the tone" is told apart from "the box knows the
    tone"; ``balanced_accuracy_gain`` = space minus nuisance with a paired interval.
