@@ -35,11 +35,14 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``."""
+def resolve_device(device: str, check: bool = True) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``.
+
+    check=False: the device is used elsewhere (a Ray cluster's actors), so this machine's own
+    GPUs are not asked about (``auto`` must then have been made concrete already)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if check and device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for, but no CUDA GPU is usable here; use --device cpu")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
