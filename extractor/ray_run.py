@@ -65,6 +65,9 @@ class RayCluster:
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"address": settings.ray_address, "logging_level": logging.WARNING}
             if settings.ray_address is None:
+                # "local": a fresh instance even when /tmp/ray names a cluster (ray.init's default
+                # would join that one, or fail on a stale file); joining is --ray-address auto.
+                kwargs["address"] = "local"
                 kwargs["include_dashboard"] = False
                 started = True
             try:

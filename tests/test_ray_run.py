@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
     torch.save({"model": seeded_state_dict(0)}, ckpt)
     base = dict(data=data, checkpoint=str(ckpt), min_size=128, max_size=192, shard_size=2, batch_size=1)
     local = run_extraction(ExtractSettings(out=root / "local", **base)).out
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield {"root": root, "base": base, "local": local, "address": ray.get_runtime_context().gcs_address}
     ray.shutdown()
 
