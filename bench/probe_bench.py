@@ -2,6 +2,12 @@
 
     python bench/probe_bench.py --rows 50000
     python bench/probe_bench.py --coverage 500      # the intervals' coverage instead
+    python bench/probe_bench.py --rows 50000 --whole-process   # as a user runs it, from disk
+
+``--whole-process`` writes the same spaces into a run directory through the one writer
+(``extractor.rundir.write_run``: decoder_layers.npy, encoder_roi.npy, backbone_roi.npy) and
+times ``python -m index compare RUN --metric probe --by G --space all`` as a child process,
+start-up, reading and the CSV included.
 
 Writes a seeded synthetic run (index.synthetic; its persons carry the FACET groups) and
 nine synthetic feature spaces shaped like DETR's (query, decoder_1..6 at 256-d, encoder_roi
@@ -29,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from extractor.rundir import DETECTIONS, IMAGES  # noqa: E402
+from extractor.rundir import DETECTIONS, IMAGES, open_run, write_run  # noqa: E402
 from index.spaces import SPACES as FEATURE_SPACES  # noqa: E402
 from index.groupings import membership  # noqa: E402
 from index.probe import ProbeSettings, probe  # noqa: E402
@@ -51,6 +57,44 @@ def planted_spaces(meta: pd.DataFrame, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
+def write_probe_run(run_dir: Path, rows: int, seed: int) -> Path:
+    """A synthetic run with :func:`planted_spaces` as its query, decoder, encoder and backbone
+    files, written by the one writer; -> the run directory."""
+    run = write_synthetic_run(run_dir, rows, seed=seed)
+    files = open_run(run)
+    meta = files.detections()
+    arrays = planted_spaces(meta, seed)
+    decoder = np.stack([arrays[f"decoder_{i}"] for i in range(1, 7)], axis=1)
+    write_run(run, files.manifest, images=files.images(), persons=files.persons(), detections=meta,
+              embeddings=arrays["query"], predictions=files.predictions(),
+              features={"decoder": decoder, "encoder": arrays["encoder_roi"], "backbone": arrays["backbone_roi"]})
+    return run
+
+
+def whole_process(args: argparse.Namespace) -> None:
+    import resource
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        run = write_probe_run(Path(tmp) / "run", args.rows, args.seed)
+        print(f"run with 9 spaces written in {time.perf_counter() - t0:.0f} s")
+        for rep in range(args.repeats):
+            cmd = [sys.executable, "-m", "index", "compare", str(run), "--metric", "probe", "--by", args.by,
+                   "--space", "all", "--population", "persons", "--n-boot", str(args.n_boot),
+                   "--out", str(Path(tmp) / "probe.csv")]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
+            wall = time.perf_counter() - t0
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            print(f"repeat {rep + 1}: {wall:.1f} s wall, {cpu:.1f} s CPU, load {os.getloadavg()[0]:.1f}")
+        df = pd.read_csv(Path(tmp) / "probe.csv")
+    bal = df[df["metric"] == "balanced_accuracy"]
+    print(bal[["group_a", "value", "ci_low", "ci_high"]].to_string(index=False, float_format="%.3f"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=50_000)
@@ -59,8 +103,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--coverage", type=int, default=0, metavar="REPS", help="coverage simulation instead")
+    ap.add_argument("--whole-process", action="store_true",
+                    help="time `python -m index compare --metric probe --space all` on a run from disk")
+    ap.add_argument("--repeats", type=int, default=2, help="with --whole-process: timed runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.whole_process:
+        whole_process(args)
+        return
     if args.coverage:
         from index.coverage import PlantedScores, probe_coverage
         t0 = time.perf_counter()
