@@ -1,13 +1,17 @@
 """Benchmark of the attribute probe: every feature space of a run at once.
 
     python bench/probe_bench.py --rows 50000
+    python bench/probe_bench.py --coverage 500      # the intervals' coverage instead
 
 Writes a seeded synthetic run (index.synthetic; its persons carry the FACET groups) and
 nine synthetic feature spaces shaped like DETR's (query, decoder_1..6 at 256-d, encoder_roi
 256-d, backbone_roi 2048-d float16) with a planted mst_band signal that grows with depth,
-then times ``index.probe.probe`` over all of them plus the nuisance baseline (PCA to 128
-dimensions inside each fold, 5 image-grouped folds, 1000 image-cluster bootstrap rounds)
-and prints the balanced accuracy by space.
+then times ``index.probe.probe`` over all of them plus the nuisance baseline (standardise and
+PCA to 128 dimensions, label-free, once per space; 5 image-grouped folds; 1000 image-cluster
+bootstrap rounds, BCa) and prints the balanced accuracy by space.
+
+``--coverage REPS``: ``index.coverage.probe_coverage``, the share of 95% intervals covering a
+planted rule's closed-form balanced accuracy / AUC / class recall, image-cluster vs persons.
 """
 from __future__ import annotations
 
@@ -54,8 +58,16 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--coverage", type=int, default=0, metavar="REPS", help="coverage simulation instead")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.coverage:
+        from index.coverage import PlantedScores, probe_coverage
+        t0 = time.perf_counter()
+        table = probe_coverage(PlantedScores(), reps=args.coverage, n_boot=args.n_boot, seed=args.seed)
+        print(table.to_string(index=False, float_format="%.3f"))
+        print(f"\n{args.coverage} replications, {time.perf_counter() - t0:.0f} s")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         run = write_synthetic_run(Path(tmp) / "run", args.rows, seed=args.seed)
         meta, images = pd.read_parquet(run / DETECTIONS), pd.read_parquet(run / IMAGES)

@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   python -m extractor run --data /data/facet --out runs/dark-dim --where "mst_mode in [7,8,9,10] and lighting_dimly_lit"
   python -m extractor run --data /data/facet --out runs/facet-dark-jpeg --perturb darken:0.5,jpeg:75
   python -m extractor sweep --data /data/facet --out runs/darkness --perturb darken:1.0,0.5,0.1
+  python -m extractor run --data /shared/facet --out /shared/runs/facet-r50 --executor ray --ray-address auto
 """
 PERTURB_HELP = ("photometric change applied to each image at its original resolution before the resize, "
                 "several comma-separated in order: darken:F (sRGB values times F, 0..1), exposure:EV (linear "
@@ -101,6 +102,16 @@ def _run_options(r: argparse.ArgumentParser, out_help: str, perturb_help: str, p
                    help="comma-separated feature spaces kept per row: query (always), decoder (every decoder "
                         "layer), encoder (encoder memory pooled over the box), backbone (layer4 pooled over "
                         "the box) (default: query)")
+    r.add_argument("--executor", default="local", choices=("local", "ray"),
+                   help="where the shards run: local (this process, default) or ray (actors on a Ray cluster, "
+                        "one model each; needs pip install -e \".[ray]\" and, across machines, a run directory "
+                        "and dataset every node sees at the same path). Same files either way; either resumes "
+                        "the other's run")
+    r.add_argument("--ray-address", default=None,
+                   help="with --executor ray: auto (the cluster `ray start` runs on this machine) or HEAD:PORT; "
+                        "default: start Ray on this machine for this run")
+    r.add_argument("--ray-actors", type=int, default=0,
+                   help="with --executor ray: number of actors; 0 = auto (one per GPU, else the cluster's CPUs / 2)")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -130,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite, workers=args.workers, shard_size=args.shard_size, seed=args.seed, draft=args.draft,
             features=args.features,
             build_index=args.build_index,
+            executor=args.executor, ray_address=args.ray_address, ray_actors=args.ray_actors,
             perturb=parse_perturbation(args.perturb) if args.command == "run" else parse_perturbation(None))
         if args.command == "sweep":
             from .sweep import run_sweep

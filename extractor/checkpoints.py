@@ -25,7 +25,7 @@ from torch import Tensor
 from extractor.detr import DETR, build_detr
 from extractor.seeded import seeded_state_dict, synthetic_images  # noqa: F401 - re-exported
 
-__all__ = ["OFFICIAL", "LoadedCheckpoint", "build_model", "load_checkpoint", "seeded_state_dict",
+__all__ = ["OFFICIAL", "LoadedCheckpoint", "build_model", "load_checkpoint", "model_from_checkpoint", "seeded_state_dict",
            "synthetic_images"]
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,12 @@ def build_model(spec: str, seed: int = 0, device: str | torch.device = "cpu", *,
                 cache_dir: Path | None = None, dilation: bool | None = None) -> tuple[DETR, LoadedCheckpoint]:
     """``load_checkpoint`` + ``build_detr`` + strict load; returns the model in eval mode."""
     ckpt = load_checkpoint(spec, seed=seed, cache_dir=cache_dir, dilation=dilation)
+    return model_from_checkpoint(ckpt, device), ckpt
+
+
+def model_from_checkpoint(ckpt: LoadedCheckpoint, device: str | torch.device = "cpu") -> DETR:
+    """The DETR that ``ckpt`` fits, strictly loaded, in eval mode (a Ray actor builds its own from
+    the driver's checkpoint this way)."""
     # Built without storage, then given the checkpoint's own tensors: the random initialisation
     # that load_state_dict would overwrite cost ~1 CPU-second of every start. Only for float32
     # contiguous tensors (what the official files hold); others are copied, i.e. cast, as before.
@@ -119,7 +125,7 @@ def build_model(spec: str, seed: int = 0, device: str | torch.device = "cpu", *,
     model.load_state_dict(ckpt.state_dict, strict=True, assign=plain)
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "a tensor not in the state dict"
     log.info("loaded %s (%s, dc5=%s) from %s", ckpt.name, ckpt.backbone, ckpt.dilation, ckpt.source)
-    return model.to(device).eval(), ckpt
+    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------- files and downloads

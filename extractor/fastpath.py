@@ -110,6 +110,26 @@ class FusedTrunk(nn.Module):
         return h
 
 
+class PointwiseProjection(nn.Module):
+    """A 1x1 convolution (DETR's ``input_proj``) computed as one matrix product over the pixels.
+
+    oneDNN's 1x1 convolution splits its 2048-long sums differently with the thread count, so the
+    embeddings moved by ~1e-5 between 1 and 2 threads; the GEMM splits only rows and columns, so
+    its sums, and a run's files, are the same for every thread count (a Ray actor on one core
+    writes the bytes a local run on two writes). Same float32 arithmetic otherwise.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        assert conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+        self.weight = nn.Parameter(conv.weight.detach()[:, :, 0, 0].contiguous(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, h, w] -> [B, D, h, w] (channels-last memory)."""
+        return nn.functional.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+
+
 def _out_side(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -137,6 +157,7 @@ def optimise_for_inference(model: DETR, device: str, precision: str) -> nn.Modul
     fast = fast.to(device).to(memory_format=torch.channels_last)
     if device != "cpu" or precision != "fp32":
         return fast
+    fast.input_proj = PointwiseProjection(fast.input_proj)
     ops = _mkldnn_ops()
     if ops is None:
         log.info("oneDNN fused convolutions unavailable; using channels-last + folded batch norms")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .fastpath import optimise_for_inference
+from .features import row_features
 from .matching import cxcywh_to_xyxy_pixels, person_probability
 from .preprocess import collate, prepare_image, to_rgb
 
@@ -34,11 +35,14 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``."""
+def resolve_device(device: str, check: bool = True) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``.
+
+    check=False: the device is used elsewhere (a Ray cluster's actors), so this machine's own
+    GPUs are not asked about (``auto`` must then have been made concrete already)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if check and device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for, but no CUDA GPU is usable here; use --device cpu")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
@@ -91,6 +95,9 @@ class PhotoDetections:
     input_size: tuple[int, int]   # (width, height) the model saw
     decoder_attention: np.ndarray | None = None   # [Q, h, w]
     encoder_attention: np.ndarray | None = None   # [h*w, h*w]
+    # Run-format feature file -> [Q, ...] for every query, exactly as the extractor writes a
+    # row (features.row_features): decoder_layers.npy [Q, 6, 256], encoder_roi.npy [Q, 256], ...
+    features: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def feature_size(self) -> tuple[int, int] | None:
@@ -116,11 +123,19 @@ class Detector:
         self.model = optimise_for_inference(model, self.device, self.precision)
         self.min_size, self.max_size = min_size, max_size
 
-    def detect(self, img: Image.Image, return_attention: bool = True) -> PhotoDetections:
+    def detect(self, img: Image.Image, return_attention: bool = True,
+               features: tuple[str, ...] = ()) -> PhotoDetections:
+        """All queries of one photo; ``features`` (``--features`` names: decoder, encoder,
+        backbone) adds every query's rows of those files, pooled by the extractor's own rule."""
         img = to_rgb(img)
         prepared = prepare_image(img, self.min_size, self.max_size)
         pixel_values, _ = collate([prepared.pixels])
-        out = forward(self.model, pixel_values, None, self.device, self.precision, return_attention)
+        extra = tuple(f for f in features if f != "query")
+        out = forward(self.model, pixel_values, None, self.device, self.precision, return_attention,
+                      return_features=bool(extra))
+        input_wh = (prepared.pixels.shape[1], prepared.pixels.shape[0])
+        rows = (row_features(out, 0, np.arange(out["pred_boxes"].shape[1]), input_wh, self.model.stride, extra)
+                if extra else {})
         w, h = prepared.orig_size
         dec = out.get("decoder_attention")
         enc = out.get("encoder_attention")
@@ -129,7 +144,8 @@ class Detector:
             boxes=cxcywh_to_xyxy_pixels(out["pred_boxes"][0].numpy(), w, h).astype(np.float32),
             embeddings=out["query_embeddings"][0].numpy().astype(np.float32),
             size=(w, h),
-            input_size=(prepared.pixels.shape[1], prepared.pixels.shape[0]),
+            input_size=input_wh,
             decoder_attention=None if dec is None else dec[0].numpy(),
             encoder_attention=None if enc is None else enc[0].numpy(),
+            features=rows,
         )

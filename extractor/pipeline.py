@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import rundir
-from .checkpoints import LoadedCheckpoint, build_model
+from .checkpoints import LoadedCheckpoint, build_model, load_checkpoint
 from .datasets import Dataset, read_dataset, select_persons
 from .finalize import write_outputs
 from .fastpath import optimise_for_inference
@@ -52,14 +52,30 @@ def run_extraction(settings: ExtractSettings,
                    model: tuple[torch.nn.Module, LoadedCheckpoint] | None = None) -> RunResult:
     """Extract embeddings for ``settings.data`` into ``settings.out`` (see module doc).
 
-    progress: called with (images done, images to do) after every shard (the app's
-    progress bar); the terminal gets a tqdm bar either way. model: ``build_model``'s
+    progress: called with (images done, images to do) after every shard (the app's progress
+    bar; with ``executor="ray"`` as the workers report batches); the terminal gets a tqdm bar
+    either way. model: ``build_model``'s
     result for these settings' checkpoint and seed, to load it once for several runs.
     """
     t0 = time.perf_counter()
-    s = settings.resolved()
+    if settings.executor == "ray":
+        from .ray_run import RayCluster  # optional extra: a one-line error without it
+        cluster = RayCluster.connect(settings)
+        try:
+            return _run(cluster.settle(settings), progress, model, cluster, t0)
+        finally:
+            cluster.close()  # the actors' CPUs/GPUs are freed whatever happened
+    return _run(settings, progress, model, None, t0)
+
+
+def _run(settings: ExtractSettings, progress, model, cluster, t0: float) -> RunResult:
+    s = settings.resolved(local_device=cluster is None)
     dataset = read_dataset(s.data, s.annotations)
-    model, ckpt = model or build_model(s.checkpoint, seed=s.seed)
+    if cluster is not None:
+        # The actors build their own models from this checkpoint; the driver needs none.
+        ckpt = model[1] if model is not None else load_checkpoint(s.checkpoint, seed=s.seed)
+    else:
+        model, ckpt = model or build_model(s.checkpoint, seed=s.seed)
     plan = make_plan(dataset, s)
     fields = s.fingerprint_fields() | {
         "annotations_sha256": plan.annotations_sha256, "checkpoint_sha256": ckpt.sha256,
@@ -71,7 +87,6 @@ def run_extraction(settings: ExtractSettings,
         log.info("%s is already complete with these settings; nothing to do (use --overwrite to redo)", s.out)
         return RunResult(s.out, manifest, 0, 0)
 
-    model = optimise_for_inference(model, s.device, s.precision)
     work_dir = s.out / rundir.WORK_DIR
     shard_root = work_dir / SHARDS
     shard_root.mkdir(parents=True, exist_ok=True)
@@ -88,14 +103,17 @@ def run_extraction(settings: ExtractSettings,
     # a run's fixed cost (process start to first image) from its per-image cost with them.
     clock: dict[str, float] = {}
     with tqdm(total=n_todo_images, unit="img", desc="extract", dynamic_ncols=True) as bar:
-        kept_total = 0
-        for shard_idx, results in _process(model, plan, s, todo, clock):
-            _write_shard(shard_root / shard_name(shard_idx), results, keys[shard_idx])
-            kept_total += int(sum(r["rows"]["detected"].sum() for r in results if r["rows"] is not None))
-            bar.update(len(results))
-            bar.set_postfix(kept=kept_total, refresh=False)
-            if progress is not None:
-                progress(bar.n, n_todo_images)
+        if cluster is not None:
+            clock = cluster.run_shards(ckpt, plan, s, todo, keys, shard_root, bar, progress)
+        else:
+            kept_total = 0
+            fast = optimise_for_inference(model, s.device, s.precision)
+            for _, n_images, kept in extract_shards(fast, plan, s, todo, keys, shard_root, clock):
+                kept_total += kept
+                bar.update(n_images)
+                bar.set_postfix(kept=kept_total, refresh=False)
+                if progress is not None:
+                    progress(bar.n, n_todo_images)
     t_extract = time.perf_counter() - t_model
 
     shards = [_read_shard(shard_root / shard_name(i)) for i in range(len(plan.shards))]
@@ -160,8 +178,24 @@ def _difference(before: dict | None, now: dict) -> str:
         else "an older version of the tool"
 
 
-def _process(model, plan: Plan, s: ExtractSettings, todo: list[int],
-             clock: dict[str, float]) -> Iterator[tuple[int, list[dict]]]:
+def extract_shards(model, plan: Plan, s: ExtractSettings, todo: list[int], keys: list[str], shard_root: Path,
+                   clock: dict[str, float], on_batch: Callable[[int, int], None] | None = None
+                   ) -> Iterator[tuple[int, int, int]]:
+    """Run and write the shards ``todo`` in order (this process or one Ray actor);
+    yields (shard index, images, kept detections) as each shard is on disk.
+
+    model: ``optimise_for_inference``'s; on_batch(shard index, images done in it) after each batch."""
+    for shard_idx, results in _process(model, plan, s, todo, clock, on_batch):
+        _write_shard(shard_root / shard_name(shard_idx), results, keys[shard_idx])
+        yield shard_idx, len(results), kept_count(results)
+
+
+def kept_count(results: list[dict]) -> int:
+    return int(sum(r["rows"]["detected"].sum() for r in results if r["rows"] is not None))
+
+
+def _process(model, plan: Plan, s: ExtractSettings, todo: list[int], clock: dict[str, float],
+             on_batch: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, list[dict]]]:
     """Decode ahead in threads (PIL releases the GIL) while the model runs; yields per shard.
 
     clock: gets time.time() after the first ("first") and the latest ("last") batch."""
@@ -197,6 +231,8 @@ def _process(model, plan: Plan, s: ExtractSettings, todo: list[int],
                 results.extend(_run_batch(model, plan, s, batch_ids, loaded))
                 clock.setdefault("first", time.time())
                 clock["last"] = time.time()
+                if on_batch is not None:
+                    on_batch(shard_idx, len(results))
             yield shard_idx, results
 
 

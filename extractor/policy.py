@@ -23,12 +23,25 @@ class SpeedPolicy:
     # Input shapes whose packed (oneDNN-blocked) R50 weights are kept, ~100 MB each: images
     # come sorted by aspect ratio, so a few shapes arrive in runs.
     packed_shapes: int = 3
+    # Torch threads of one CPU actor of a Ray run (extractor/ray_run.py): oneDNN already fills
+    # two cores with one image at 800 px (see cpu_batch_size), so by default a node of C cores
+    # gets C // 2 actors; asked for more actors, each gets its share of the cores (at least one).
+    cpu_actor_threads: int = 2
 
     def batch_size(self, device: str) -> int:
         return self.gpu_batch_size if device.startswith("cuda") else self.cpu_batch_size
 
-    def decode_workers(self) -> int:
-        return min(self.max_decode_workers, os.cpu_count() or 1)
+    def decode_workers(self, cores: int | None = None) -> int:
+        """Decoding threads for a process that owns ``cores`` cores (default: all of this machine's)."""
+        return max(1, min(self.max_decode_workers, cores or os.cpu_count() or 1))
+
+    def cpu_actors(self, total_cpus: int, asked: int = 0) -> int:
+        """How many CPU actors a Ray cluster of ``total_cpus`` cores runs (``asked`` 0 = auto)."""
+        return max(1, asked or total_cpus // self.cpu_actor_threads)
+
+    def actor_threads(self, total_cpus: int, node_cpus: int, actors: int) -> int:
+        """Torch threads (= CPUs reserved) per CPU actor: the cores shared out, within one node."""
+        return max(1, min(node_cpus, total_cpus // actors))
 
 
 POLICY = SpeedPolicy()

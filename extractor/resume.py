@@ -85,8 +85,7 @@ def reconcile(work_dir: Path, shard_root: Path, plan: Plan, states: dict[int, li
     for i, key in enumerate(keys):
         path = shard_root / shard_name(i)
         if path.is_dir():
-            key_file = path / KEY_FILE
-            if key_file.is_file() and key_file.read_text().strip() == key:
+            if shard_is_done(path, key):
                 continue
             shutil.rmtree(path)
             redone += 1
@@ -102,6 +101,12 @@ def reconcile(work_dir: Path, shard_root: Path, plan: Plan, states: dict[int, li
                                   "annotations_sha256": plan.annotations_sha256,
                                   "images": {str(k): v for k, v in states.items()}})
     return todo
+
+
+def shard_is_done(path: Path, key: str) -> bool:
+    """True when ``path`` is a finished shard of this key (shards appear whole: write-then-rename)."""
+    key_file = path / KEY_FILE
+    return key_file.is_file() and key_file.read_text().strip() == key
 
 
 def shard_name(i: int) -> str:

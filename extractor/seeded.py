@@ -15,9 +15,11 @@ a child process that uses one thread, and this process's threads are left alone.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from extractor.rundir.files import atomic_write
 from extractor.detr import BACKBONES, DETR, FrozenBatchNorm2d, PERSON_CLASS, build_detr
 
 __all__ = ["compute_state_dict", "seeded_state_dict", "synthetic_images"]
@@ -120,9 +123,56 @@ def compute_state_dict(seed: int, backbone: str = "resnet50") -> dict[str, Tenso
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+# Read at call time (not import), so a test session or a user can point it elsewhere.
+CACHE_ENV = "DETR_EXPLORER_CACHE"
+
+
+def cache_file(seed: int, backbone: str) -> Path | None:
+    """Where the weights of (seed, backbone) are kept between processes, or None if disabled.
+
+    ``$DETR_EXPLORER_CACHE`` (``off`` disables), else ``$XDG_CACHE_HOME`` or ``~/.cache``, then
+    ``detr-fairness-explorer/seeded/``. The name carries a hash of the code that makes the
+    weights (this module, the model and its trunk) and of torch's version and the CPU
+    architecture, so a change to any of them computes afresh instead of reading stale weights.
+    """
+    root = os.environ.get(CACHE_ENV)
+    if root == "off":
+        return None
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "detr-fairness-explorer")
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256(f"{torch.__version__}|{platform.machine()}|{seed}|{backbone}".encode())
+    for name in ("seeded.py", "detr.py", "resnet.py"):
+        h.update((here / name).read_bytes())
+    return Path(root) / "seeded" / f"{backbone}-seed{seed}-{h.hexdigest()[:16]}.pt"
+
+
 @lru_cache(maxsize=1)  # tests and demos ask for the same seed repeatedly; ~170 MB held
 def _seeded_cached(seed: int, backbone: str) -> dict[str, Tensor]:
-    """:func:`compute_state_dict` in a child process with one torch thread; see the module."""
+    """The weights from the disk cache, else from :func:`_compute_in_child` (then cached).
+
+    The child costs ~14 CPU s (8 of them its imports); every ``--checkpoint none`` process
+    (the demo, the app, each test's CLI call) paid it before the cache, reading it costs ~0.2 s."""
+    path = cache_file(seed, backbone)
+    if path is not None and path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            log.info("seeded weights (seed %d, %s) from %s", seed, backbone, path)
+            return state
+        except Exception as exc:  # a damaged cache file is recomputed, never trusted
+            log.warning("seeded-weight cache %s is unreadable (%s); computing the weights again", path, exc)
+    payload = _compute_in_child(seed, backbone)
+    if path is not None:
+        try:
+            atomic_write(path, lambda tmp: tmp.write_bytes(payload))
+        except OSError as exc:  # a read-only home still gets its weights, just not cached
+            log.warning("seeded weights not cached at %s: %s", path, exc)
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def _compute_in_child(seed: int, backbone: str) -> bytes:
+    """:func:`compute_state_dict` in a child process with one torch thread, as ``torch.save``
+    bytes; see the module docstring for why a child."""
     package_parent = str(Path(__file__).resolve().parents[1])  # the child imports this very code
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
            "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
@@ -133,9 +183,8 @@ def _seeded_cached(seed: int, backbone: str) -> dict[str, Tensor]:
         tail = " | ".join(proc.stderr.decode(errors="replace").strip().splitlines()[-3:])
         raise RuntimeError(f"computing seeded weights (seed {seed}, {backbone}) failed in the child "
                            f"process (exit {proc.returncode}): {tail}")
-    state = torch.load(io.BytesIO(proc.stdout), map_location="cpu", weights_only=True)
-    log.info("seeded weights (seed %d, %s) in %.1f s", seed, backbone, time.perf_counter() - started)
-    return state
+    log.info("seeded weights (seed %d, %s) computed in %.1f s", seed, backbone, time.perf_counter() - started)
+    return proc.stdout
 
 
 def _initial_value(name: str, tensor: Tensor, g: torch.Generator) -> Tensor:

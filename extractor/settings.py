@@ -11,6 +11,9 @@ from .perturb import Perturbation
 from .policy import POLICY
 
 
+EXECUTORS = ("local", "ray")
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
     data: Path
@@ -34,9 +37,21 @@ class ExtractSettings:
     build_index: bool = False
     features: tuple[str, ...] = ("query",)  # extractor/features.py: query, decoder, encoder, backbone
     perturb: Perturbation = Perturbation()   # applied before the resize (extractor/perturb.py)
+    # Where the shards run: "local" (this process) or "ray" (extractor/ray_run.py). Not in the
+    # fingerprint: both write the same files, so either resumes the other's run.
+    executor: str = "local"
+    ray_address: str | None = None  # None: a Ray started here; "auto" or HOST:PORT: a running cluster
+    ray_actors: int = 0             # 0: one per GPU, else the cluster's CPUs / SpeedPolicy.cpu_actor_threads
 
-    def resolved(self) -> "ExtractSettings":
-        """Auto values made concrete for this machine; validates ranges."""
+    def resolved(self, local_device: bool = True) -> "ExtractSettings":
+        """Auto values made concrete for this machine; validates ranges.
+
+        local_device=False: ``device`` and ``precision`` were made concrete for a Ray cluster's
+        actors (``ray_run.cluster_device``) and this machine's GPUs are not asked about."""
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown --executor {self.executor!r}: use {' or '.join(EXECUTORS)}")
+        if self.ray_actors < 0:
+            raise ValueError(f"--ray-actors must be >= 0 (0 = auto), got {self.ray_actors}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold must be within 0..1, got {self.threshold}")
         if self.min_size < 32 or self.max_size < self.min_size:
@@ -53,7 +68,7 @@ class ExtractSettings:
         if self.draft and self.perturb.per_pixel_grain:
             raise ValueError(f"--perturb {self.perturb} adds per-pixel grain (noise, jpeg), which a reduced-scale "
                              f"decode would shrink: drop --draft")
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, check=local_device)
         precision = resolve_precision(self.precision, device)
         batch = self.batch_size or POLICY.batch_size(device)
         workers = self.workers or POLICY.decode_workers()
@@ -65,7 +80,7 @@ class ExtractSettings:
     def fingerprint_fields(self) -> dict:
         """What decides the content of a run: a run dir is only resumed with the same."""
         d = asdict(self)
-        for k in ("out", "overwrite", "workers", "build_index", "perturb"):
+        for k in ("out", "overwrite", "workers", "build_index", "perturb", "executor", "ray_address", "ray_actors"):
             d.pop(k)
         if tuple(d["features"]) == ("query",):
             d.pop("features")  # runs made before --features existed keep their fingerprint

@@ -11,8 +11,8 @@ data = index.to_csv_bytes(df)
 ```
 """
 from index.audit import run_audit
-from index.build import BuildSettings, build_index
-from index.crossruns import CrossSettings, compare_runs
+from index.build import BuildSettings, IndexBusy, build_index
+from index.crossruns import CrossSettings, compare_runs, compare_runs_space
 from index.export import read_csv_bytes, to_csv_bytes
 from index.bootstrap import BootSettings, group_means
 from index.groupings import GROUPINGS, POPULATION_HELP, POPULATIONS, REGISTRY, groups_of, membership, population_rows
@@ -24,9 +24,9 @@ from index.planted import PlantedEffects
 from index.synthetic import write_synthetic_run
 
 __all__ = [
-    "CrossSettings", "compare_runs",
+    "CrossSettings", "compare_runs", "compare_runs_space",
     "BootSettings", "BuildSettings", "GROUPINGS", "GroupSettings", "METRICS", "POPULATIONS", "POPULATION_HELP",
-    "PlantedEffects", "REGISTRY", "Run", "audit_recall", "build_index", "compare", "detection_recall", "group_means",
+    "PlantedEffects", "REGISTRY", "Run", "audit_recall", "IndexBusy", "build_index", "compare", "detection_recall", "group_means",
     "groups_of", "load_run", "membership", "neighbour_composition", "population_rows", "read_csv_bytes", "run_audit",
     "similarity",
     "ProbeSettings", "SPACES", "probe", "run_spaces",

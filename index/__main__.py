@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from extractor.rundir import atomic_write, read_manifest
 from index.build import AUTO_RAM_SHARE, KINDS, BuildSettings, build_index
-from index.crossruns import CROSS_METRICS, CrossSettings, compare_runs
+from index.crossruns import CROSS_METRICS, SPACE_METRICS, CrossSettings, compare_runs, compare_runs_space
 from index.export import to_csv_bytes
 from index.groupings import GROUPINGS, POPULATION_HELP, POPULATIONS, REGISTRY
 from index.groups import METRICS, GroupSettings, compare
@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                         "query lives in RUN/index/, the others in RUN/index/<space>/ (default: query)")
     b.add_argument("--kind", choices=KINDS, default="auto",
                    help="flat = exact IndexFlatIP; hnsw / ivf = approximate with a tuned search parameter; "
-                        "ivfpq = 32-byte codes in RAM re-ranked exactly from embeddings.npy (runs larger than memory); "
+                        "ivfpq = 64-byte codes in RAM re-ranked exactly from embeddings.npy (runs larger than memory); "
                         "auto = flat up to --exact-max-rows rows, ivf above, ivfpq once the float32 vectors exceed "
                         f"{AUTO_RAM_SHARE:g} of RAM (default: auto)")
     b.add_argument("--seed", type=int, default=0, help="seed of the training sample and recall queries (default: 0)")
@@ -102,11 +102,23 @@ def _parser() -> argparse.ArgumentParser:
                        description="Per run and group the metric with its interval; against the first run the "
                                    "paired difference per group and the difference-in-differences between groups, "
                                    "all from one image-cluster bootstrap (the same photos in every round for "
-                                   "every run). Population: persons evaluated in every run.")
+                                   "every run). Population: persons evaluated in every run (similarity / neighbours: "
+                                   "each run's --population in --space, paired on the union of the runs' photos).")
     r.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories of one dataset; the first is the reference")
-    r.add_argument("--metric", required=True, choices=("ar", "recall50", "recall75", "recall"),
+    r.add_argument("--metric", required=True, choices=("ar", "recall50", "recall75", "recall", *SPACE_METRICS),
                    help="per-person metric: recall = threshold recall (persons.detected); ar / recall50 / recall75 "
-                        "= COCO per-person metrics of the detection audit (available: " + ", ".join(CROSS_METRICS) + ")")
+                        "= COCO per-person metrics of the detection audit (available: " + ", ".join(CROSS_METRICS) + "); "
+                        "similarity / neighbours = the embedding read-outs of `compare` in --space, per run and "
+                        "their paired difference to the first run")
+    r.add_argument("--space", choices=SPACES, default="query", metavar="SPACE",
+                   help=f"similarity / neighbours: feature space ({', '.join(SPACES)}; default: query)")
+    r.add_argument("--population", choices=POPULATIONS, default="detections",
+                   help="similarity / neighbours: rows compared in each run (default: detections)")
+    r.add_argument("--k", type=int, default=GroupSettings.k, help="neighbours per query (default: %(default)s)")
+    r.add_argument("--max-queries-per-group", type=int, default=GroupSettings.max_queries_per_group,
+                   help="neighbours: seeded sample of queries per group (default: %(default)s)")
+    r.add_argument("--same-image-neighbours", action="store_true",
+                   help="neighbours: keep neighbours from the query's own photo (left out by default)")
     r.add_argument("--by", required=True, choices=GROUPINGS, metavar="GROUPING", action="append",
                    help="grouping; repeat it for an intersection (see `compare --help`)")
     r.add_argument("--where", default=None, metavar="EXPR", help="restrict the persons with a pandas condition")
@@ -175,9 +187,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
             log.info("wrote %s", args.out)
         elif args.command == "compare-runs":
-            cross = CrossSettings(n_boot=args.n_boot, seed=args.seed, min_group_size=args.min_group_size,
-                                  include_unknown=args.include_unknown, include_small=args.include_small)
-            data = to_csv_bytes(compare_runs(args.runs, args.metric, args.by, cross, where=args.where))
+            if args.metric in SPACE_METRICS:
+                settings = GroupSettings(k=args.k, n_boot=args.n_boot, seed=args.seed,
+                                         min_group_size=args.min_group_size,
+                                         max_queries_per_group=args.max_queries_per_group,
+                                         same_image_neighbours=args.same_image_neighbours,
+                                         include_unknown=args.include_unknown, include_small=args.include_small)
+                df = compare_runs_space(args.runs, args.metric, args.by, args.space, args.population, settings,
+                                        where=args.where)
+            else:
+                if args.space != "query":
+                    raise ValueError(f"--space is for --metric similarity / neighbours; {args.metric} does not "
+                                     "depend on the embeddings")
+                cross = CrossSettings(n_boot=args.n_boot, seed=args.seed, min_group_size=args.min_group_size,
+                                      include_unknown=args.include_unknown, include_small=args.include_small)
+                df = compare_runs(args.runs, args.metric, args.by, cross, where=args.where)
+            data = to_csv_bytes(df)
             atomic_write(args.out, lambda tmp: tmp.write_bytes(data))
             log.info("wrote %s", args.out)
         elif args.command == "synthetic-audit":

@@ -125,14 +125,23 @@ def jackknife_weights(uniq: np.ndarray, settings: BootSettings = BootSettings(),
 
 def resample(statistic: Callable[[np.ndarray], np.ndarray], uniq: np.ndarray,
              settings: BootSettings = BootSettings(), n_blocks: int = 50,
-             value: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             value: np.ndarray | None = None,
+             universe: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(value [...], boot [n_boot, ...], jack [K, ...]) of ``statistic``, a function of image
     weights W [b, n_images] returning [b, ...] (W = 1 gives the data itself; pass
-    ``value`` when the caller computes the estimate more exactly)."""
+    ``value`` when the caller computes the estimate more exactly).
+
+    ``universe``: the image ids drawn from (a superset of ``uniq``; default ``uniq``):
+    the rounds and jackknife blocks are those of the universe, restricted to ``uniq``'s
+    columns, so statistics of several runs over one universe are paired round by round
+    (images outside ``uniq`` still count in a round's draw, as in ``group_means``).
+    """
+    uniq = np.asarray(uniq)
+    drawn, cols = (uniq, slice(None)) if universe is None else rows_in(uniq, universe)
     with one_blas_thread():
         value = statistic(np.ones((1, len(uniq))))[0] if value is None else np.asarray(value)
-        boot = np.concatenate([statistic(W) for W in image_weights(uniq, settings)])
-        J = jackknife_weights(uniq, settings, n_blocks)
+        boot = np.concatenate([statistic(W[:, cols]) for W in image_weights(drawn, settings)])
+        J = jackknife_weights(drawn, settings, n_blocks)[:, cols]
         jack = (np.concatenate([statistic(J[i:i + CHUNK]) for i in range(0, len(J), CHUNK)]) if len(J)
                 else np.full((0,) + value.shape, np.nan))
     return value, boot, jack

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from index.audit import IOU_THRESHOLDS, person_audit
-from index.bootstrap import BootSettings, bca_interval, group_means, image_index, resample
+from index.bootstrap import BootSettings, bca_interval, group_means, image_index, image_weights, resample
 from index.groupings import ALL, groups_of
 from index.planted import PlantedEffects, planted_truth
 from index.stats import wilson
@@ -150,3 +150,65 @@ def similarity_coverage(mixture: PlantedMixture = PlantedMixture(), reps: int = 
     return pd.DataFrame([{"statistic": name, "group": "a x b", "truth": truth, "coverage": hits[i] / reps,
                           "mean_bias": bias[i], "reps": reps}
                          for i, name in enumerate(SIMILARITY_METRICS) if name != "mean_pairwise_cosine"])
+
+
+@dataclass(frozen=True)
+class PlantedScores:
+    """A fixed probe scoring rule on clustered persons, with its population truth in closed form.
+
+    ``n_images`` photos of 1 + Poisson(``extra_persons``) persons; a photo has a class and each
+    of its persons takes it with probability ``same_class`` (else a uniform class), so classes
+    cluster by photo. Scores z [K] = ``separation`` * one-hot(class) + a photo effect (sd
+    ``photo_sd``, shared by the photo's persons) + person noise (sd ``person_sd``), independent
+    per component. Population truth, with sd = hypot(photo_sd, person_sd) and d = separation / sd:
+    every class recall (argmax) and the balanced accuracy = int phi(t) Phi(t + d)^(K-1) dt; every
+    one-vs-rest AUC (score z_k) = Phi(d / sqrt 2), the AUC of two persons from different photos
+    (pairs inside one photo, ~E[m^2] / (n_images E[m]^2) < 1% of them, are the only bias)."""
+
+    n_images: int = 200
+    n_classes: int = 3
+    extra_persons: float = 2.0
+    same_class: float = 0.7
+    separation: float = 1.5
+    photo_sd: float = 1.0
+    person_sd: float = 0.6
+
+    def truth(self) -> dict[str, float]:
+        from scipy import integrate, stats
+        d = self.separation / np.hypot(self.photo_sd, self.person_sd)
+        recall, _ = integrate.quad(lambda t: stats.norm.pdf(t) * stats.norm.cdf(t + d) ** (self.n_classes - 1),
+                                   -np.inf, np.inf)
+        return {"balanced_accuracy": recall, "macro_auc": float(stats.norm.cdf(d / np.sqrt(2))), "class_recall": recall}
+
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores [N, K], labels [N], image codes [N] 0..n_images-1)."""
+        K = self.n_classes
+        image = np.repeat(np.arange(self.n_images), 1 + rng.poisson(self.extra_persons, self.n_images))
+        own = rng.integers(0, K, self.n_images)[image]
+        y = np.where(rng.random(len(image)) < self.same_class, own, rng.integers(0, K, len(image)))
+        z = (self.separation * (y[:, None] == np.arange(K)) + rng.normal(0, self.photo_sd, (self.n_images, K))[image]
+             + rng.normal(0, self.person_sd, (len(image), K)))
+        return z, y, image
+
+
+def probe_coverage(planted: PlantedScores = PlantedScores(), reps: int = 300, n_boot: int = 1000,
+                   seed: int = 0) -> pd.DataFrame:
+    """Coverage of the probe's 95% intervals (``index.probe_scores``: image-cluster BCa with the
+    delete-one-image jackknife) of the planted rule's balanced accuracy, macro AUC and class
+    recalls, beside the same BCa resampling persons as if independent (``persons``)."""
+    from index.probe_scores import RECALL, resampled_scores
+    truth = planted.truth()
+    names = ["balanced_accuracy", "macro_auc"] + ["class_recall"] * planted.n_classes
+    target = np.array([truth[n] for n in names])
+    hits, width = np.zeros((2, len(names))), np.zeros((2, len(names)))
+    for r in range(reps):
+        z, y, image = planted.draw(np.random.default_rng([seed, r]))
+        for i, codes in enumerate((image, np.arange(len(y)))):  # photos, then persons, as the clusters
+            draws = np.concatenate(list(image_weights(np.arange(codes.max() + 1), BootSettings(n_boot=n_boot, seed=r))))
+            lo, hi = resampled_scores(z, y, codes, draws).interval()
+            hits[i] += (lo <= target) & (target <= hi)
+            width[i] += (hi - lo) / reps
+    labels = names[:RECALL] + [f"class_recall_{k}" for k in range(planted.n_classes)]
+    return pd.DataFrame([{"statistic": s, "clusters": c, "truth": target[j], "coverage": hits[i, j] / reps,
+                          "mean_width": width[i, j], "reps": reps, "n_boot": n_boot}
+                         for i, c in enumerate(("images", "persons")) for j, s in enumerate(labels)])

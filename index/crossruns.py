@@ -23,6 +23,13 @@ Rows (long form, ``index.to_csv_bytes``), each with the ``run`` it belongs to:
 A metric is a function run directory -> per-person values (``METRIC_FUNCS``): the
 threshold ``recall`` (persons.detected) here; the COCO metrics of the detection audit
 register themselves when ``index.audit`` is present.
+
+``compare_runs_space(runs, "similarity" | "neighbours", by, space)`` does the same for the
+embedding read-outs in one feature space: per run exactly the rows of single-run
+``index.compare`` (its own population, its own bootstrap), and ``<statistic>_diff`` per
+later run and ordered pair of groups, that run's statistic minus the first run's, from
+rounds that draw the same photos for every run (over the union of the runs' photos) with
+Holm-adjusted p-values per statistic.
 """
 from __future__ import annotations
 
@@ -34,10 +41,13 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from extractor.rundir import open_run
-from index.bootstrap import BootSettings, estimate, group_means, holm
+from extractor.rundir import open_run, read_manifest
+from index.bootstrap import BootSettings, estimate, group_means, holm, resample
 from index.disparity import eligible
 from index.groupings import ALL, groups_of, population_mask
+from index.groups import GroupSettings, Readout, neighbour_readout, similarity_readout
+from index.spaces import check_space, how_to_add, run_spaces
+from index.store import Run, load_run
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +158,7 @@ def compare_runs(run_dirs: Sequence[Path | str], metric: str, by: str | Sequence
     """The long frame of per-run values, paired differences and differences-in-differences (module doc)."""
     run_dirs = [Path(r) for r in run_dirs]
     persons, V = run_values(run_dirs, metric)
-    names = [r.name for r in run_dirs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"runs need different directory names (the run column): {', '.join(names)}")
+    names = _names(run_dirs)
     keep = np.isfinite(V).all(axis=1)
     evaluated_somewhere = np.isfinite(V).any(axis=1)
     if where:
@@ -216,6 +224,105 @@ def compare_runs(run_dirs: Sequence[Path | str], metric: str, by: str | Sequence
                   include_small=settings.include_small, interval=INTERVAL)
     for k, v in params.items():
         out[k] = v
+    return out
+
+
+def _names(run_dirs: Sequence[Path]) -> list[str]:
+    names = [r.name for r in run_dirs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runs need different directory names (the run column): {', '.join(names)}")
+    return names
+
+
+SPACE_METRICS = {"similarity": similarity_readout, "neighbours": neighbour_readout}
+# Similarity matrices are symmetric: a pair enters the Holm family once (a <= b), and the
+# corrected cosine's diagonal is 1 by construction, so it starts above it.
+_SYMMETRIC_FROM = {"centroid_cosine": 0, "mean_pairwise_cosine": 0, "corrected_cosine": 1}
+
+
+def open_space_runs(run_dirs: Sequence[Path], space: str) -> list[Run]:
+    """Every run opened in ``space``; one line naming the run and how to add the space otherwise."""
+    check_space(space)
+    out = []
+    for r in run_dirs:
+        if space not in run_spaces(read_manifest(r)):
+            raise ValueError(f"run {r.name} ({r}) has no {space} features: extract it with {how_to_add(space, str(r))}")
+        try:
+            out.append(load_run(r, space))
+        except ValueError as exc:
+            raise ValueError(f"run {r.name}: {exc}") from None
+    return out
+
+
+def compare_runs_space(run_dirs: Sequence[Path | str], metric: str, by: str | Sequence[str], space: str = "query",
+                       population: str = "detections", settings: GroupSettings = GroupSettings(),
+                       where: str | None = None) -> pd.DataFrame:
+    """Similarity or neighbour read-outs of several runs of one dataset in one feature space:
+    the per-run rows of ``index.compare`` and the paired ``_diff`` rows (module doc)."""
+    if metric not in SPACE_METRICS:
+        raise ValueError(f"unknown metric {metric!r} in a feature space: choose one of {', '.join(SPACE_METRICS)}")
+    run_dirs = [Path(r) for r in run_dirs]
+    check_same_dataset(run_dirs)
+    names = _names(run_dirs)
+    parts = [SPACE_METRICS[metric](run, by, population, settings, where) for run in open_space_runs(run_dirs, space)]
+    labels = parts[0].groups.labels
+    if any(list(p.groups.labels) != list(labels) for p in parts[1:]):
+        raise ValueError("the runs' groups differ (a grouping with data-driven labels?): compare them one by one")
+    universe = np.unique(np.concatenate([p.uniq for p in parts]))
+    frames, rounds = [], []
+    for name, p in zip(names, parts):
+        value, boot, jack = resample(p.statistic, p.uniq, settings.boot, value=p.value)
+        frames.append(p.frame(value, boot, jack))
+        frames[-1].insert(0, "run", name)
+        if len(p.uniq) < len(universe):  # other photos in other runs: redraw over all of them, paired
+            _, boot, jack = resample(p.statistic, p.uniq, settings.boot, value=value, universe=universe)
+        rounds.append((value, boot, jack))
+    diff = _space_diffs(parts, names, rounds, settings)
+    per_run = pd.concat(frames, ignore_index=True)
+    per_run = per_run.assign(p_value=np.nan, p_holm=np.nan, in_family=False, family_size=0)
+    constant = [c for c in ("grouping", "population", "where", "n_boot", "seed", "min_group_size", "k",
+                            "max_queries_per_group", "same_image_neighbours") if c in per_run.columns]
+    diff = diff.assign(**{c: per_run[c].iloc[0] for c in constant}, interval=INTERVAL)
+    if "n_queries" in per_run.columns:  # neighbours: run r's queries of group_a, per pair as in its own rows
+        G2 = len(labels) ** 2
+        diff["n_queries"] = np.concatenate([np.tile(f["n_queries"].to_numpy()[:G2], len(parts[0].metrics))
+                                            for f in frames[1:]])
+    out = pd.concat([per_run, diff], ignore_index=True)
+    out["n_a"], out["n_b"] = out["n_a"].astype(np.int64), out["n_b"].astype(np.int64)
+    return out.assign(reference=names[0], space=space, include_unknown=settings.include_unknown,
+                      include_small=settings.include_small)
+
+
+def _space_diffs(parts: list[Readout], names: list[str], rounds: list[tuple], settings: GroupSettings) -> pd.DataFrame:
+    """``<statistic>_diff`` rows: run r minus the first run, per statistic and ordered pair of groups."""
+    G = len(parts[0].groups.labels)
+    a, b = np.repeat(np.arange(G), G), np.tile(np.arange(G), G)
+    labels = np.asarray(parts[0].groups.labels, dtype=object)
+    ok = [eligible(p.groups, p.sizes, settings.min_group_size, settings.include_unknown, settings.include_small)
+          for p in parts]
+    small = [np.asarray(p.sizes) < settings.min_group_size for p in parts]
+    v0, b0, j0 = rounds[0]
+    frames = []
+    for r in range(1, len(parts)):
+        v, bt, jk = rounds[r]
+        with np.errstate(invalid="ignore"):
+            d = estimate(v - v0, bt - b0, jk - j0)
+        n = np.asarray(parts[r].sizes, dtype=np.int64)
+        both = ok[0] & ok[r]
+        for i, name in enumerate(parts[r].metrics):
+            fam = both[a] & both[b] & ((b - a) >= _SYMMETRIC_FROM.get(name, -G))
+            frames.append(pd.DataFrame({
+                "run": names[r], "group_a": labels[a], "group_b": labels[b], "metric": f"{name}_diff",
+                "value": d.value[i].ravel(), "ci_low": d.ci_low[i].ravel(), "ci_high": d.ci_high[i].ravel(),
+                "n_a": n[a], "n_b": n[b], "small_group": (small[0] | small[r])[a] | (small[0] | small[r])[b],
+                "rule": parts[r].groups.rule, "p_value": d.p_value[i].ravel(), "in_family": fam}))
+    out = pd.concat(frames, ignore_index=True)
+    out["p_holm"], out["family_size"] = np.nan, 0
+    for kind, rows in out.groupby("metric").groups.items():
+        fam = out.loc[rows, "in_family"].to_numpy(dtype=bool)
+        idx = np.asarray(rows)[fam]
+        out.loc[idx, "p_holm"] = holm(out.loc[idx, "p_value"].to_numpy())
+        out.loc[rows, "family_size"] = int(fam.sum())
     return out
 
 

@@ -18,7 +18,7 @@ import logging
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -181,18 +181,45 @@ def similarity(run: Run, by: str | Sequence[str], population: str = "detections"
     of g x h is S_g . S_h minus one per row in both. Intervals: image-cluster BCa
     (acceleration from a 50-block jackknife over images).
     """
+    return similarity_readout(run, by, population, settings, where).frame_of(settings.boot)
+
+
+@dataclass(frozen=True)
+class Readout:
+    """A pair read-out before its bootstrap rounds, so that several runs can be resampled
+    with the same photos (index.crossruns): ``statistic(W [b, n_images]) -> [b, m, G, G]``
+    over the images ``uniq``, its exact ``value`` [m, G, G] (None: the statistic at W = 1),
+    and ``frame(value, boot, jack)`` -> the long frame, one block of rows per ``metrics``."""
+
+    groups: Groups
+    sizes: np.ndarray  # [G] rows per group
+    uniq: np.ndarray
+    statistic: Callable[[np.ndarray], np.ndarray]
+    value: np.ndarray | None
+    frame: Callable[[np.ndarray, np.ndarray, np.ndarray], pd.DataFrame]
+    metrics: tuple[str, ...]
+
+    def frame_of(self, boot: BootSettings, universe: np.ndarray | None = None) -> pd.DataFrame:
+        return self.frame(*resample(self.statistic, self.uniq, boot, value=self.value, universe=universe))
+
+
+def similarity_readout(run: Run, by: str | Sequence[str], population: str = "detections",
+                       settings: GroupSettings = GroupSettings(), where: str | None = None) -> Readout:
+    """``similarity`` before its rounds (``Readout``)."""
     rows = population_rows(run.meta, population, where)
     groups = groups_of(run.meta.iloc[rows], by)
     sizes = groups.M.sum(axis=0)
     uniq, inv = image_index(run.meta["image_id"].to_numpy()[rows])
     stat, value = similarity_statistic(groups.M, run.unit_rows(rows), inv)
-    value, boot, jack = resample(stat, uniq, settings.boot, value=value)
-    lo, hi = bca_interval(value, boot, jack)
-    deff = _similarity_design_effect(groups.M, run.unit_rows(rows), boot, settings)
-    params = _params(groups, population, where, settings)
-    return pd.concat([_pairs_frame(groups, sizes, name, value[i], lo[i], hi[i], settings.min_group_size, **params,
-                                   design_effect=deff[i])
-                      for i, name in enumerate(SIMILARITY_METRICS)], ignore_index=True)
+
+    def frame(value: np.ndarray, boot: np.ndarray, jack: np.ndarray) -> pd.DataFrame:
+        lo, hi = bca_interval(value, boot, jack)
+        deff = _similarity_design_effect(groups.M, run.unit_rows(rows), boot, settings)
+        params = _params(groups, population, where, settings)
+        return pd.concat([_pairs_frame(groups, sizes, name, value[i], lo[i], hi[i], settings.min_group_size,
+                                       **params, design_effect=deff[i])
+                          for i, name in enumerate(SIMILARITY_METRICS)], ignore_index=True)
+    return Readout(groups, sizes, uniq, stat, value, frame, SIMILARITY_METRICS)
 
 
 # A variance ratio needs fewer rounds than an interval; rows beyond the cap would make the
@@ -220,6 +247,16 @@ def _similarity_design_effect(M: np.ndarray, X, boot: np.ndarray, settings: Grou
 
 def neighbour_composition(run: Run, by: str | Sequence[str], population: str = "detections",
                           settings: GroupSettings = GroupSettings(), where: str | None = None) -> pd.DataFrame:
+    """Share of the k nearest neighbours of group g's rows that fall in group h
+    (``neighbour_readout``), with image-cluster BCa intervals."""
+    return neighbour_readout(run, by, population, settings, where).frame_of(settings.boot)
+
+
+NEIGHBOUR_METRICS = ("neighbour_share", "neighbour_ratio")
+
+
+def neighbour_readout(run: Run, by: str | Sequence[str], population: str = "detections",
+                      settings: GroupSettings = GroupSettings(), where: str | None = None) -> Readout:
     """Share of the k nearest neighbours of group g's rows that fall in group h.
 
     Candidates are the population's rows (an IDSelector inside FAISS), never the query
@@ -264,25 +301,26 @@ def neighbour_composition(run: Run, by: str | Sequence[str], population: str = "
             base = (W @ C) / (W @ n_img)[:, None]
             return np.stack([share, share / base[:, None, :]], axis=1)
 
-    value, boot, jack = resample(statistic, uniq, settings.boot)
-    lo, hi = bca_interval(value, boot, jack)
     nq = Mq.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        base = M.sum(axis=0) / N if N else np.full(G, np.nan)
-        # Independent queries: s^2 / n_q of the per-query shares of each (g, h).
-        s2 = (Mf.T @ share_q ** 2) / nq[:, None] - value[0] ** 2
-        deff = np.nanvar(boot[:, 0], axis=0, ddof=1) / (np.maximum(s2, 0) / nq[:, None])
-    deff = np.where(np.isfinite(deff), deff, np.nan)
-    params = _params(groups, population, where, settings, k=settings.k, max_queries_per_group=cap,
-                     same_image_neighbours=settings.same_image_neighbours,
-                     n_queries=np.repeat(nq, G).reshape(G, G), base_rate=np.tile(base, (G, 1)),
-                     share=value[0], design_effect=deff)
     sizes = M.sum(axis=0)
-    return pd.concat([
-        _pairs_frame(groups, sizes, "neighbour_share", value[0], lo[0], hi[0], settings.min_group_size, **params),
-        _pairs_frame(groups, sizes, "neighbour_ratio", value[1], lo[1], hi[1], settings.min_group_size, **params),
-    ], ignore_index=True)
+
+    def frame(value: np.ndarray, boot: np.ndarray, jack: np.ndarray) -> pd.DataFrame:
+        lo, hi = bca_interval(value, boot, jack)
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            base = M.sum(axis=0) / N if N else np.full(G, np.nan)
+            # Independent queries: s^2 / n_q of the per-query shares of each (g, h).
+            s2 = (Mf.T @ share_q ** 2) / nq[:, None] - value[0] ** 2
+            deff = np.nanvar(boot[:, 0], axis=0, ddof=1) / (np.maximum(s2, 0) / nq[:, None])
+        deff = np.where(np.isfinite(deff), deff, np.nan)
+        params = _params(groups, population, where, settings, k=settings.k, max_queries_per_group=cap,
+                         same_image_neighbours=settings.same_image_neighbours,
+                         n_queries=np.repeat(nq, G).reshape(G, G), base_rate=np.tile(base, (G, 1)),
+                         share=value[0], design_effect=deff)
+        return pd.concat([
+            _pairs_frame(groups, sizes, name, value[i], lo[i], hi[i], settings.min_group_size, **params)
+            for i, name in enumerate(NEIGHBOUR_METRICS)], ignore_index=True)
+    return Readout(groups, sizes, uniq, statistic, None, frame, NEIGHBOUR_METRICS)
 
 
 def person_readout(persons: pd.DataFrame, values: np.ndarray, metric: str, by: str | Sequence[str],

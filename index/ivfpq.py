@@ -1,6 +1,6 @@
 """IVF-PQ for runs larger than memory: compressed codes in RAM, exact re-ranking from disk.
 
-The index holds a 32-byte product-quantised code per row (FAISS ``IndexIVFPQ``, inner
+The index holds a 64-byte product-quantised code per row (FAISS ``IndexIVFPQ``, inner
 product on unit vectors, residuals to the coarse centroid). A query asks it for the
 ``rerank`` best candidates by approximate score, reads those rows from the
 memory-mapped ``embeddings.npy`` and returns the top k by exact cosine. So the
@@ -8,8 +8,8 @@ distances are exact and the answer is wrong only where a true neighbour is not a
 the candidates.
 
 Why PQ and not scalar quantisation: the index of 5M x 256 rows must stay under 0.5 GB.
-SQ8 stores 256 bytes a row (1.3 GB at 5M) and SQ4 128 (0.7 GB, ids included); PQ32 stores
-32 (+8 for the id), 0.2 GB, and the exact re-ranking recovers what the codes lose.
+SQ8 stores 256 bytes a row (1.3 GB at 5M) and SQ4 128 (0.7 GB, ids included); PQ64 stores
+64 (+8 for the id), 0.36 GB, and the exact re-ranking recovers what the codes lose.
 
 Tuning needs no re-ranking: a true neighbour found among the candidates is always
 ranked back into the top k by the exact scores, so recall@k after re-ranking equals
@@ -32,10 +32,12 @@ log = logging.getLogger(__name__)
 PQ_NBITS = 8
 RERANK_DEPTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 # Cost of re-ranking one candidate (reading its row through the memory map, normalising
-# it, one dot product) in units of scanning one 32-byte code in an inverted list; the
-# tuner picks the cheapest (nprobe, rerank) reaching the aim. Measured at 5M rows on the
-# shared 2-core VM (bench/large_index_bench.py --cost): 41 us a candidate against
-# 153 ns a code, a ratio of 266 (both inflated by the load, the ratio less so).
+# it, one dot product) in units of scanning one code in an inverted list; the tuner
+# picks the cheapest (nprobe, rerank) reaching the aim. It hinges on the page cache:
+# measured on the shared 2-core VM (bench/large_index_bench.py --cost) 266 at 5M rows
+# with 32-byte codes (41 us a candidate, 153 ns a code), ~400 at 5M with 64-byte codes
+# (66 us, 152 ns; the file did not fit the cache), 27 at 1M with 64-byte codes (3.3 us,
+# 124 ns; it did). Files larger than memory are this kind's case, so the larger figure.
 RERANK_COST_CODES = 250
 
 
@@ -44,7 +46,7 @@ def nlist_for(n: int, requested: int = 0) -> int:
 
     A quarter of IVF-Flat's 2 sqrt(n): assigning every row to its list is the bulk of
     the build at millions of rows (5M rows x 1024 lists x 256 d = 2.6 TFLOP, on 2
-    shared cores many minutes), while a 32-byte code scans several times faster than
+    shared cores many minutes), while a 64-byte code scans several times faster than
     IVF-Flat's 1 KB row, so longer lists cost little per query (5M rows: ~4.9k codes a
     list, a few tens of lists probed).
     """
@@ -115,6 +117,10 @@ def rerank(xb: np.ndarray, xn: np.ndarray, C: np.ndarray, k: int) -> tuple[np.nd
     xn: [nq, d] unit queries; C: [nq, R] candidate ids (-1 = none) into the raw
     embeddings xb. Each block of queries reads its candidates' rows once, in file
     order. Returns D, I [nq, k] best first, -inf / -1 past the last candidate.
+
+    Rows come through the memory map, not one ``os.preadv`` per row: on a file in the
+    page cache the map took 1.0-1.5 us a row, pread 5 us (system calls are dear in this
+    VM; /tmp/readrows-style test, 256-1024 sorted random rows of a 300k-row run).
     """
     nq = len(xn)
     D = np.full((nq, k), -np.inf, dtype=np.float32)

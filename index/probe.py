@@ -8,15 +8,17 @@ each feature space of a run (index/spaces.py):
 2. folds: ``StratifiedGroupKFold`` grouped by image (a photo is never in train and test),
    computed once and shared by every space and by the baseline, so all of them are scored
    on the same held-out photos;
-3. per fold: standardise, PCA to ``pca_dim`` dimensions (fitted on at most
-   ``pca_fit_rows`` training rows; 256-d spaces keep 128 of their 256 directions), and a
+3. per space: standardise and PCA to ``pca_dim`` dimensions, label-free and fitted once on
+   all rows before the folds (exact up to 512-d, a randomised SVD of ``pca_fit_rows`` rows
+   above; it never sees a label, so nothing of the test labels leaks); per fold a
    class-balanced multinomial logistic regression (scikit-learn, lbfgs, L2 with ``C``);
 4. out-of-fold probabilities give ``balanced_accuracy`` (mean per-class recall of the
    argmax), ``macro_auc`` (mean one-vs-rest ROC AUC) and ``class_recall`` per class;
    ``chance_balanced_accuracy`` is 1 / classes and ``chance_macro_auc`` 0.5;
-5. intervals: a seeded image-cluster bootstrap of the out-of-fold predictions (images
-   drawn with replacement, their persons with them; the same draws for every space), 95%
-   percentile, widened to contain the estimate where a skewed bootstrap leaves it outside;
+5. intervals: 95% BCa from a seeded image-cluster bootstrap of the out-of-fold predictions
+   (images drawn with replacement, their persons with them; the same draws for every space)
+   and the exact delete-one-image jackknife (index.probe_scores); conditional on the fitted
+   folds (a round reweights held-out persons, it does not refit);
 6. the baseline ``nuisance``: the same probe on box geometry, detection score and image
    size only, so that "the features know the tone" is told apart from "the box knows the
    tone"; ``balanced_accuracy_gain`` = space minus nuisance with a paired interval.
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,13 @@ from extractor.groups import UNKNOWN
 from extractor.rundir import DETECTIONS, IMAGES, read_manifest
 from index.bootstrap import BootSettings, image_index, image_weights
 from index.groupings import membership, population_rows
+from index.probe_scores import AUC, BAL, RECALL, resampled_scores
 from index.spaces import DEFAULT_SPACE, open_space, run_spaces
 
 log = logging.getLogger(__name__)
 
 NUISANCE = "nuisance"
 OVERLAPPING = ("mst_any", "lighting", "gender_any", "age_any")
-_BOOT_CHUNK = 50  # bootstrap rounds per pass over the rows
 _ROW_CHUNK = 8192
 
 
@@ -178,82 +179,6 @@ def _oof_probabilities(Z: np.ndarray, y: np.ndarray, fold: np.ndarray, n_classes
     return P
 
 
-def _scores(P: np.ndarray, y: np.ndarray, codes: np.ndarray, C: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Balanced accuracy [B], macro AUC [B] and class recalls [B, K] of predictions P [N, K]
-    for labels y, each image weighted by C [B, n_images] (a row of ones: the estimate)."""
-    n, K = P.shape
-    m = C.shape[1]
-    per_image = lambda mask: np.bincount(codes * K + y, weights=mask, minlength=m * K).reshape(m, K)  # noqa: E731
-    total = per_image(np.ones(n))
-    correct = per_image((P.argmax(axis=1) == y).astype(np.float64))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = (C @ correct) / (C @ total)
-    present = np.isfinite(recall)
-    bal = np.where(present.any(axis=1), np.nansum(recall, axis=1) / present.sum(axis=1).clip(min=1), np.nan)
-    aucs = np.column_stack([_weighted_auc(P[:, k], y == k, C, codes) for k in range(K)])
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from a resample
-        auc = np.nanmean(aucs, axis=1)
-    return bal, auc, recall
-
-
-def _weighted_auc(score: np.ndarray, positive: np.ndarray, C: np.ndarray,
-                  codes: np.ndarray | None = None) -> np.ndarray:
-    """ROC AUC (ties count 1/2) of ``score`` for ``positive`` [N] under each row of weights:
-    row weights ``C[:, codes]`` [B, N] (``codes`` None: C is already per row)."""
-    order = np.argsort(score, kind="stable")
-    s = score[order]
-    pos = positive[order]
-    idx = order if codes is None else codes[order]
-    if (s[1:] == s[:-1]).any():
-        return _weighted_auc_ties(s, pos, idx, C)
-    # Without ties, a positive beats exactly the negatives sorted before it: per round, the
-    # cumulative negative weight read at each positive's rank (about 3 passes over N, not 12).
-    neg_idx, pos_idx = idx[~pos], idx[pos]
-    out = np.full(len(C), np.nan)
-    if not len(neg_idx) or not len(pos_idx):
-        return out
-    rank = np.cumsum(~pos)[pos] - 1  # index of the last negative below each positive (-1: none)
-    C = np.asarray(C, dtype=np.float64)
-    for lo in range(0, len(C), _BOOT_CHUNK):
-        c = C[lo:lo + _BOOT_CHUNK]
-        cum = np.zeros((len(c), len(neg_idx) + 1), dtype=np.float64)
-        np.cumsum(c[:, neg_idx], axis=1, out=cum[:, 1:])
-        wp = c[:, pos_idx]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[lo:lo + _BOOT_CHUNK] = np.einsum("bp,bp->b", wp, cum[:, rank + 1]) / (
-                wp.sum(axis=1, dtype=np.float64) * cum[:, -1])
-    return out
-
-
-def _weighted_auc_ties(s: np.ndarray, pos: np.ndarray, idx: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """The general case of ``_weighted_auc`` (sorted scores with ties)."""
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    out = np.empty(len(C))
-    for lo in range(0, len(C), _BOOT_CHUNK):
-        Ws = C[lo:lo + _BOOT_CHUNK][:, idx].astype(np.float64)
-        wp = np.add.reduceat(Ws * pos, starts, axis=1)
-        wn = np.add.reduceat(Ws * ~pos, starts, axis=1)
-        below = np.cumsum(wn, axis=1) - wn
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[lo:lo + _BOOT_CHUNK] = (wp * (below + 0.5 * wn)).sum(axis=1) / (wp.sum(axis=1) * wn.sum(axis=1))
-    return out
-
-
-def percentile_interval(boot: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    tail = 100 * (1 - level) / 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        lo, hi = np.nanpercentile(boot, [tail, 100 - tail], axis=0)
-    return lo, hi
-
-
-def _interval(value: float | np.ndarray, boot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lo, hi = percentile_interval(boot)
-    return np.fmin(lo, value), np.fmax(hi, value)
-
-
 def probe(run_dir: Path | str, by: str, spaces: list[str] | tuple[str, ...] | None = None,
           population: str = "persons", settings: ProbeSettings = ProbeSettings(),
           meta: pd.DataFrame | None = None, images: pd.DataFrame | None = None,
@@ -337,26 +262,26 @@ def _probe(run_dir: Path | str, by: str, spaces: list[str] | tuple[str, ...] | N
         def score(source):
             X = source[1]()
             P = _oof_probabilities(_reduce(X, settings), y, fold, len(names), settings)
-            return int(X.shape[1]), _scores(P, y, codes, np.ones((1, n_images))), _scores(P, y, codes, draws)
+            return int(X.shape[1]), resampled_scores(P, y, codes, draws)
 
         with ThreadPoolExecutor(max_workers=settings.workers) as pool:
             scored = list(pool.map(score, sources))
-        nuisance_bal, nuisance_boot = scored[0][1][0][0], scored[0][2][0]
-        for (space, _), (dim, (bal, auc, recall), (b_bal, b_auc, b_rec)) in zip(sources, scored):
+        level = BootSettings().level
+        for (space, _), (dim, res) in zip(sources, scored):
             common = dict(group_a=space, group_b=group_b, n_a=len(y), n_b=n_images, small_group=small,
                           dim=dim, probe_dim=min(dim, settings.pca_dim), **base)
-            out = [dict(metric="balanced_accuracy", value=bal[0], **dict(zip(("ci_low", "ci_high"), _interval(bal[0], b_bal)))),
-                   dict(metric="macro_auc", value=auc[0], **dict(zip(("ci_low", "ci_high"), _interval(auc[0], b_auc)))),
+            lo, hi = res.interval(level)
+            out = [dict(metric="balanced_accuracy", value=res.value[BAL], ci_low=lo[BAL], ci_high=hi[BAL]),
+                   dict(metric="macro_auc", value=res.value[AUC], ci_low=lo[AUC], ci_high=hi[AUC]),
                    dict(metric="chance_balanced_accuracy", value=1.0 / len(names), ci_low=np.nan, ci_high=np.nan),
                    dict(metric="chance_macro_auc", value=0.5, ci_low=np.nan, ci_high=np.nan)]
             if space != NUISANCE:
-                gain = bal[0] - nuisance_bal
-                lo, hi = _interval(gain, b_bal - nuisance_boot)
-                out.append(dict(metric="balanced_accuracy_gain", value=gain, ci_low=lo, ci_high=hi))
-            lo, hi = _interval(recall[0], b_rec)
+                gain = res.minus(scored[0][1], BAL)
+                g_lo, g_hi = gain.interval(level)
+                out.append(dict(metric="balanced_accuracy_gain", value=gain.value[0], ci_low=g_lo[0], ci_high=g_hi[0]))
             for k, name in enumerate(names):
-                out.append(dict(metric="class_recall", value=recall[0, k], ci_low=lo[k], ci_high=hi[k],
-                                class_label=name, n_class=int((y == k).sum())))
+                out.append(dict(metric="class_recall", value=res.value[RECALL + k], ci_low=lo[RECALL + k],
+                                ci_high=hi[RECALL + k], class_label=name, n_class=int((y == k).sum())))
             frames.append(pd.DataFrame([{**common, **r} for r in out]))
         log.info("probe %s%s over %d spaces, %d rows: %.1f s", by, f" / {group_b}" if group_b else "",
                  len(spaces), len(y), time.perf_counter() - t0)

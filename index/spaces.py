@@ -60,8 +60,26 @@ def open_space(run_dir: Path, space: str = DEFAULT_SPACE) -> np.ndarray:
         have = ", ".join(run_spaces(files.manifest.to_json()))
         raise ValueError(f"{run_dir} has no {space} features (it has: {have}); extract it with "
                          f"`python -m extractor run ... --features query,decoder,encoder,backbone`")
-    arr = files.feature(feature, True)
+    return space_rows(files.feature(feature, True), space)
+
+
+def space_rows(arr: np.ndarray, space: str) -> np.ndarray:
+    """The space's [N, d] view of its run file's rows (``space_file``): [N, d] as it is, a
+    layer of [N, layers, d]. The one place that says which slice a space is, for a run's
+    file and for a query photo's rows computed the same way (the app)."""
+    _, layer, _ = INDEX_SPACES[check_space(space)]
     return arr if layer is None else arr[:, layer]
+
+
+def feature_of(space: str) -> str:
+    """The ``--features`` name that extracts ``space`` (query, decoder, encoder, backbone)."""
+    return INDEX_SPACES[check_space(space)][2]
+
+
+def how_to_add(space: str, run: str = "RUN") -> str:
+    """The two commands that give a run ``space``."""
+    return (f"`python -m extractor run ... --features query,{feature_of(space)}`, then "
+            f"`python -m index build {run} --space {space}`")
 
 
 def space_status(run_dir: Path, manifest: dict) -> dict[str, str]:
@@ -70,7 +88,7 @@ def space_status(run_dir: Path, manifest: dict) -> dict[str, str]:
     out = {}
     for space in SPACES:
         if space not in have:
-            out[space] = "not extracted (python -m extractor run ... --features query,decoder,encoder,backbone)"
+            out[space] = f"not extracted: extract it with {how_to_add(space)}"
         elif not (space_index_dir(run_dir, space) / "manifest.json").is_file():
             out[space] = f"no index yet (python -m index build RUN --space {space})"
         else:

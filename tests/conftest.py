@@ -6,6 +6,15 @@ import os
 # Before torch is imported anywhere: OpenMP threads that spin while waiting make every
 # forward 10-40x slower when the test's subprocesses or other programs want a core.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One seeded-weight cache per test session, shared by the tests' subprocesses (they inherit
+# the environment), so the weights are computed once and the user's ~/.cache is left alone.
+if "DETR_EXPLORER_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    _cache = tempfile.mkdtemp(prefix="detr-explorer-cache-")
+    os.environ["DETR_EXPLORER_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402

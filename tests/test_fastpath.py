@@ -150,3 +150,28 @@ def test_auto_settings_come_from_the_one_speed_policy(tmp_path, monkeypatch):
     s = ExtractSettings(data=tmp_path, out=tmp_path / "r", device="cpu").resolved()
     assert (s.batch_size, s.workers) == (3, 1)
     assert policy.SpeedPolicy().batch_size("cuda:0") == 16 and policy.SpeedPolicy().batch_size("cpu") == 1
+
+
+def test_fused_path_gives_the_same_bits_for_every_thread_count(model):
+    """A Ray actor on one core must write the bytes of a local run on two: every output of the
+    fast path is bit-identical across torch thread counts (eager's 1x1 input_proj was not)."""
+    fast = fastpath.optimise_for_inference(model, "cpu", "fp32")
+    assert isinstance(fast.input_proj, fastpath.PointwiseProjection)
+    g = torch.Generator().manual_seed(4)
+    batch = torch.randn(2, 3, 160, 224, generator=g).contiguous(memory_format=torch.channels_last)
+    mask = torch.zeros(2, 160, 224, dtype=torch.bool)
+    mask[1, 120:, :] = True
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                outs.append(fast(batch, mask, return_features=True))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        for key, value in outs[0].items():
+            assert torch.equal(value, other[key]), key
+    with torch.inference_mode():
+        _close(model(batch, mask), outs[0])

@@ -10,7 +10,8 @@ from extractor.rundir import DETECTIONS, IMAGES
 from index import to_csv_bytes, write_synthetic_run
 from index.export import read_csv_bytes
 from index.groupings import membership, population_rows
-from index.probe import NUISANCE, ProbeSettings, _folds, _weighted_auc, probe
+from index.probe import NUISANCE, ProbeSettings, _folds, probe
+from index.probe_scores import weighted_auc as _weighted_auc
 
 SETTINGS = ProbeSettings(n_boot=300, seed=1)
 

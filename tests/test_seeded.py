@@ -1,6 +1,7 @@
 """extractor.seeded: seeded untrained weights, bit-identical whoever computes them."""
 from __future__ import annotations
 
+import io
 import threading
 import time
 
@@ -48,7 +49,8 @@ def test_same_weights_whatever_the_callers_thread_count_and_no_thread_count_chan
     seen: list[int] = []
     result: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        maker = threading.Thread(target=lambda: result.update(sd=seeded_mod._seeded_cached.__wrapped__(0, "resnet50")))
+        maker = threading.Thread(target=lambda: result.update(sd=torch.load(io.BytesIO(seeded_mod._compute_in_child(0, "resnet50")),
+                                                                    weights_only=True)))
         maker.start()
         while maker.is_alive():
             probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
@@ -68,8 +70,38 @@ def test_same_weights_whatever_the_callers_thread_count_and_no_thread_count_chan
 def test_a_failing_child_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(seeded_mod.sys, "executable", "/bin/false")
     with pytest.raises(RuntimeError, match=r"seed 5, resnet50\) failed in the child process \(exit 1\)") as excinfo:
-        seeded_mod._seeded_cached.__wrapped__(5, "resnet50")
+        seeded_mod._compute_in_child(5, "resnet50")
     assert "\n" not in str(excinfo.value)
+
+
+def test_disk_cache_is_read_by_the_next_process_and_a_damaged_file_is_recomputed(
+        seeded, tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(seeded_mod.CACHE_ENV, str(tmp_path))
+    path = seeded_mod.cache_file(0, "resnet50")
+    assert path.parent == tmp_path / "seeded" and not path.exists()
+    first = seeded_mod._seeded_cached.__wrapped__(0, "resnet50")  # computed, then written
+    assert path.is_file() and all(torch.equal(first[k], seeded[k]) for k in seeded)
+    calls: list[int] = []
+    monkeypatch.setattr(seeded_mod, "_compute_in_child", lambda *a: calls.append(1) or b"")
+    again = seeded_mod._seeded_cached.__wrapped__(0, "resnet50")  # read back: no child
+    assert calls == [] and all(torch.equal(again[k], seeded[k]) for k in seeded)
+    monkeypatch.undo()
+    monkeypatch.setenv(seeded_mod.CACHE_ENV, str(tmp_path))
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a full disk
+    with caplog.at_level("WARNING", logger="extractor.seeded"):
+        mended = seeded_mod._seeded_cached.__wrapped__(0, "resnet50")
+    assert "unreadable" in caplog.text and all(torch.equal(mended[k], seeded[k]) for k in seeded)
+    assert torch.load(path, weights_only=True).keys() == seeded.keys()  # rewritten whole
+    monkeypatch.setenv(seeded_mod.CACHE_ENV, "off")
+    assert seeded_mod.cache_file(0, "resnet50") is None
+
+
+def test_cache_name_follows_the_seed_and_the_code(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv(seeded_mod.CACHE_ENV, str(tmp_path))
+    names = {seeded_mod.cache_file(s, b).name for s in (0, 1) for b in ("resnet50", "resnet101")}
+    assert len(names) == 4
+    monkeypatch.setattr(seeded_mod.torch, "__version__", "0.0.0")
+    assert seeded_mod.cache_file(0, "resnet50").name not in names
 
 
 def test_seeded_weights_give_structured_outputs(seeded) -> None:

@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 
 import index  # noqa: E402
+from index import build as index_build  # noqa: E402
 from ui import runs  # noqa: E402
 
 
@@ -103,14 +104,14 @@ def test_index_build_runs_under_the_run_lock(ui_demo, tmp_path, monkeypatch):
 
     run_dir = _unindexed_copy(ui_demo, tmp_path)
     inside, release, outcomes = threading.Event(), threading.Event(), []
-    real = index.build_index
+    real = index_build._build_index
 
-    def gated(path, *args, **kwargs):
+    def gated(path, *args, **kwargs):  # inside the lock, as a long build would be
         inside.set()
         assert release.wait(30)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(index, "build_index", gated)
+    monkeypatch.setattr(index_build, "_build_index", gated)
     first = threading.Thread(target=lambda: outcomes.append(runs.build_run_index(run_dir)))
     first.start()
     assert inside.wait(30)
@@ -122,6 +123,22 @@ def test_index_build_runs_under_the_run_lock(ui_demo, tmp_path, monkeypatch):
     assert runs.list_runs(tmp_path / "runs")[0].index_built
     with runs.exclusive(run_dir / runs.INDEX_LOCK) as mine:  # released after the build
         assert mine
+
+
+def test_cli_build_is_refused_while_the_app_builds(ui_demo, tmp_path, capsys):
+    """The CLI takes the same lock: one line, no traceback, the finished index untouched."""
+    from index.__main__ import main
+
+    run_dir = shutil.copytree(ui_demo.run_dir, tmp_path / "runs" / "busy")
+    before = (run_dir / "index" / "manifest.json").read_bytes()
+    with runs.exclusive(run_dir / runs.INDEX_LOCK) as mine:
+        assert mine
+        with pytest.raises(index.IndexBusy, match="another process is building an index"):
+            index.build_index(run_dir)
+        assert main(["build", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another process is building an index" in err and "\n" not in err and "Traceback" not in err
+    assert (run_dir / "index" / "manifest.json").read_bytes() == before
 
 
 def test_a_cancelled_demo_build_stops_between_shards_and_resumes(tmp_path):

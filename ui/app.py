@@ -17,7 +17,8 @@ import streamlit as st
 
 import index
 from extractor.infer import Detector, PhotoDetections
-from ui import gallery, runs
+from index.spaces import DEFAULT_SPACE, space_status
+from ui import gallery, runs, spaces
 from ui.jobs import Job, Jobs
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def untrained_banner(chosen: runs.RunEntry | None) -> None:
         st.warning(UNTRAINED_BANNER, icon=":material/warning:")
 
 
-@st.cache_resource(show_spinner="Opening the run and its index…", max_entries=4)
+@st.cache_resource(show_spinner="Opening the run and its index…", max_entries=8)
 def _open_run(run_dir: str, stamp: tuple[int, int], space: str = "query") -> index.Run:
     return index.load_run(Path(run_dir), space)
 
@@ -109,6 +110,30 @@ def open_chosen_run() -> index.Run | None:
     except (ValueError, OSError) as exc:
         st.error(f"Run {entry.name!r} cannot be opened: {exc}")
         return None
+
+
+def space_run(run: index.Run, space: str) -> index.Run | None:
+    """``run`` opened in another feature space (cached like the run), or None after saying why."""
+    if space == run.space:
+        return run
+    try:
+        return _open_run(str(run.run_dir), runs.run_stamp(run.run_dir), space)
+    except (ValueError, OSError) as exc:
+        st.error(f"The {space} index of this run cannot be opened: {exc}")
+        return None
+
+
+def space_choice(run: index.Run, key: str, fallback: str) -> str:
+    """The feature-space selector of a page (every page that searches or compares in a space):
+    a space the run lacks (or has no index for) is listed as unavailable, and choosing it says
+    how to get it and falls back to query. ``fallback`` names what then uses query."""
+    status = space_status(run.run_dir, run.manifest)
+    space = st.selectbox("Feature space", index.SPACES, key=key, persist_state="session",
+                         format_func=lambda s: spaces.space_label(s, status), help=spaces.SPACE_HELP)
+    if status[space]:
+        st.info(spaces.unavailable_note(space, status[space], fallback))
+        return DEFAULT_SPACE
+    return space
 
 
 def run_key(run: index.Run) -> tuple[str, tuple[int, int]]:
@@ -200,9 +225,10 @@ def detector(spec: DetectorSpec) -> Detector:
 
 
 @st.cache_data(max_entries=32, show_spinner="Running DETR on the photo…")
-def detect(photo_digest: str, spec: DetectorSpec, _img) -> PhotoDetections:
-    """Detections of one photo, keyed by its content hash: reruns never repeat the forward."""
-    return detector(spec).detect(_img, return_attention=True)
+def detect(photo_digest: str, spec: DetectorSpec, _img, features: tuple[str, ...] = ()) -> PhotoDetections:
+    """Detections of one photo, keyed by its content hash: reruns never repeat the forward.
+    ``features``: the per-query rows of those ``--features`` too (``ui.spaces.detector_features``)."""
+    return detector(spec).detect(_img, return_attention=True, features=features)
 
 
 @st.cache_resource

@@ -7,8 +7,8 @@ and ``transform``s the other rows, so every row is placed.
 
 A projection is stored as ``cache/projection-<key>.parquet`` (det_id, x, y, fitted)
 plus ``projection-<key>.json`` (its parameters); the key hashes the method, its
-parameters, the population, the library version and the embeddings' checksum, so a
-re-extracted run never shows a stale map. Files are written to a temporary name and
+parameters, the population, the feature space, the library version and the vectors'
+checksum, so a re-extracted run never shows a stale map. Files are written to a temporary name and
 renamed: two sessions computing the same map leave one intact file.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import pandas as pd
 
 from extractor.rundir import CACHE_DIR, atomic_write, write_json
 from index.groupings import POPULATIONS, population_rows
+from index.spaces import DEFAULT_SPACE, check_space
 from ui.gallery import lighting_label
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,16 @@ def _library_version(method: str) -> str:
         return "unknown"
 
 
-def projection_key(method: str, population: str, params: ProjectionParams, embeddings_checksum: str) -> str:
-    """Hash of everything that decides the coordinates."""
+def projection_key(method: str, population: str, params: ProjectionParams, embeddings_checksum: str,
+                   space: str = DEFAULT_SPACE) -> str:
+    """Hash of everything that decides the coordinates. ``space`` enters it by name too: the
+    decoder layers share one file, hence one checksum (query keeps its keys from before spaces)."""
     if population not in POPULATIONS:
         raise ValueError(f"unknown population {population!r}: choose one of {', '.join(POPULATIONS)}")
     doc = {"version": CACHE_VERSION, "method": method, "population": population, "params": params.for_method(method),
            "library": _library_version(method), "embeddings": embeddings_checksum}
+    if check_space(space) != DEFAULT_SPACE:
+        doc["space"] = space
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -212,7 +217,7 @@ def compute_projection(run, method: str, population: str, params: ProjectionPara
         fitted[:] = False
         fitted[fit_rows] = True
     frame = pd.DataFrame({"det_id": rows.astype(np.int64), "x": coords[:, 0], "y": coords[:, 1], "fitted": fitted})
-    info = {"method": method, "population": population, "params": params.for_method(method),
+    info = {"method": method, "population": population, "space": run.space, "params": params.for_method(method),
             "n_population": int(n_population), "n_shown": int(len(rows)), "n_fitted": int(fitted.sum()),
             "library": f"{_LIBRARY[method]} {_library_version(method)}",
             "seconds": round(time.perf_counter() - started, 2)}
@@ -254,11 +259,16 @@ def save_cached(run_dir: Path, key: str, projection: Projection) -> bool:
     return True
 
 
+def run_projection_key(run, method: str, population: str, params: ProjectionParams) -> str:
+    """The cache key of a map of ``run`` (an ``index.Run``) in the run's feature space."""
+    return projection_key(method, population, params, run.index_manifest["embeddings"]["checksum"], run.space)
+
+
 def load_or_compute(run, method: str, population: str, params: ProjectionParams,
                     step: Step = _no_step) -> tuple[Projection, bool]:
     """(projection, True if it came from the cache). Computes and stores on a miss; a
     ``step`` that raises before the store leaves nothing in the cache."""
-    key = projection_key(method, population, params, run.index_manifest["embeddings"]["checksum"])
+    key = run_projection_key(run, method, population, params)
     cached = load_cached(run.run_dir, key)
     if cached is not None:
         return cached, True

@@ -1,7 +1,6 @@
 """Run directories as the app sees them: discovery, a manifest in words, the demo build."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -12,14 +11,13 @@ from typing import Callable, Iterator
 import pandas as pd
 
 from extractor import rundir
-from extractor.rundir import INDEX_DIR, MANIFEST, SWEEP_FILE, WORK_DIR
+from extractor.rundir import INDEX_DIR, INDEX_LOCK, MANIFEST, SWEEP_FILE, WORK_DIR, exclusive  # noqa: F401
 from index import build as index_build
 
 log = logging.getLogger(__name__)
 
 RUNS_ENV = "RUNS_DIR"
 INDEX_MANIFEST = Path(INDEX_DIR) / index_build.INDEX_MANIFEST
-INDEX_LOCK = ".index.lock"    # in the run directory, held while the app builds its index
 DEMO_NAME = "demo"
 
 # The README's commands, shown when there is no run yet.
@@ -263,41 +261,16 @@ def demo_paths(root: Path) -> tuple[Path, Path]:
     return root.parent / "data" / DEMO_NAME, root / DEMO_NAME
 
 
-@contextlib.contextmanager
-def exclusive(lock_path: Path) -> Iterator[bool]:
-    """Yields False when another process or session holds the lock (never blocks).
-
-    An OS file lock rather than an in-process one: it covers several app processes
-    and is released if the process dies mid-build.
-    """
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on Linux
-        yield True
-        return
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def build_run_index(run_dir: Path) -> dict:
-    """``index.build_index`` under the run's lock: two clicks, sessions or app processes
-    cannot write the index and its manifest at once; -> the index manifest."""
-    from index import build_index
+    """``index.build_index``, which holds the run's index lock: two clicks, sessions, app
+    processes or a CLI build cannot write the index at once; -> the index manifest."""
+    from index import IndexBusy, build_index
 
-    with exclusive(Path(run_dir) / INDEX_LOCK) as mine:
-        if not mine:
-            raise RuntimeError(f"another session is building the index of {Path(run_dir).name} right now; "
-                               "open the Runs page again in a minute")
+    try:
         return build_index(Path(run_dir))
+    except IndexBusy:
+        raise RuntimeError(f"another session is building the index of {Path(run_dir).name} right now; "
+                           "open the Runs page again in a minute") from None
 
 
 def build_demo(root: Path, settings: DemoSettings = DemoSettings(),

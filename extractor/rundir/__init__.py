@@ -10,6 +10,7 @@
 """
 from .files import (  # noqa: F401
     BACKBONE_ROI, CACHE_DIR, DECODER_LAYERS, DETECTIONS, EMBEDDINGS, ENCODER_ROI, FEATURE_FILES, IMAGES, INDEX_DIR,
+    INDEX_LOCK, exclusive,
     MANIFEST, OUTPUTS, PERSONS, PREDICTIONS, SWEEP_FILE, TABLES, WORK_DIR, atomic_dir, atomic_write, fsync_dir, read_json,
     save_npy, write_json,
 )

@@ -13,12 +13,13 @@ runs/<name>/
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 MANIFEST = "manifest.json"
 IMAGES = "images.parquet"
@@ -32,6 +33,8 @@ BACKBONE_ROI = "backbone_roi.npy"
 WORK_DIR = ".work"
 INDEX_DIR = "index"
 CACHE_DIR = "cache"
+# Held (an OS file lock) by whoever writes RUN/index/: the CLI build and the app's build.
+INDEX_LOCK = ".index.lock"
 # A folder of runs made by ``python -m extractor sweep`` holds this file (extractor/sweep.py).
 SWEEP_FILE = "sweep.json"
 TABLES = (IMAGES, PERSONS, DETECTIONS, PREDICTIONS)
@@ -135,3 +138,28 @@ def save_npy(path: Path, arr: Any) -> None:
     import numpy as np
     with open(path, "wb") as fh:
         np.save(fh, arr)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[bool]:
+    """Yields False when another process or session holds the lock (never blocks).
+
+    An OS file lock rather than an in-process one: it covers several app processes
+    and is released if the process dies mid-build.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux
+        yield True
+        return
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

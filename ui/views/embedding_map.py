@@ -23,20 +23,24 @@ def render() -> None:
     run = app.open_chosen_run()
     if run is None:
         return
+    space = app.space_choice(run, "map_space", "The map")
+    srun = app.space_run(run, space)
+    if srun is None:
+        return
     _form()
     method, population, params = st.session_state.get(REQUEST_KEY) or ("pca", "persons", pj.ProjectionParams())
     try:
-        key = pj.projection_key(method, population, params, run.index_manifest["embeddings"]["checksum"])
+        key = pj.run_projection_key(srun, method, population, params)
     except (KeyError, ValueError) as exc:
         st.error(f"This map cannot be made: {exc}")
         return
-    projection = _projection(run, key, method, population, params)
+    projection = _projection(srun, key, method, population, params)
     if projection is None:
         return
     _describe(projection.info, method)
     table = _table(app.run_key(run), key, projection.frame)
     colour = st.selectbox("Colour by", pj.COLOUR_OPTIONS, key="map_colour", persist_state="session")
-    title = f"{pj.METHOD_LABELS[method]} of {population} ({len(table)} points)"
+    title = f"{pj.METHOD_LABELS[method]} of {population} in {space} ({len(table)} points)"
     # plotGlPixelRatio 1 (plotly's default is 2) draws a quarter of the pixels: without a GPU
     # the browser renders WebGL in software, and this cut the map's page switch from ~2 s to ~1 s.
     event = st.plotly_chart(figures.embedding_scatter(table, colour, title), on_select="rerun",
@@ -97,7 +101,7 @@ def _projection(run: index.Run, key: str, method: str, population: str,
     except LookupError:
         pass
     jobs = app.jobs()
-    label = f"{pj.METHOD_LABELS[method]} of {population} in {run.run_dir.name}"
+    label = f"{pj.METHOD_LABELS[method]} of {population} ({run.space}) in {run.run_dir.name}"
     # The run in the job's key too: a copy of a run has the same embeddings, hence cache key,
     # but its own cache/ to fill.
     cache_key, key = key, f"map:{run.run_dir}:{key}"
@@ -133,7 +137,8 @@ def _projection(run: index.Run, key: str, method: str, population: str,
 def _describe(info: dict, method: str) -> None:
     n_pop, n_shown, n_fit = info.get("n_population"), info.get("n_shown"), info.get("n_fitted")
     params = ", ".join(f"{k}={v}" for k, v in (info.get("params") or {}).items())
-    text = f"{pj.METHOD_LABELS[method]} ({info.get('library', '')}; {params}) of L2-normalised embeddings"
+    text = (f"{pj.METHOD_LABELS[method]} ({info.get('library', '')}; {params}) of L2-normalised "
+            f"{info.get('space', 'query')} vectors")
     if method == "tsne" and n_shown is not None and n_pop is not None and n_shown < n_pop:
         text += (f". **Sampled:** t-SNE shows a seeded sample of {n_shown} of {n_pop} rows, stratified by MST mode "
                  "(each tone in proportion, none left out)")

@@ -8,7 +8,6 @@ import streamlit as st
 
 import index
 from index.groupings import REGISTRY, population_rows
-from index.spaces import space_status
 from ui import app, figures, gallery
 
 NONE = "(none)"
@@ -62,7 +61,7 @@ def render() -> None:
                + f" Populations: {gallery.POPULATION_HELP}. Intervals: 95% BCa, photos resampled with their persons.")
     settings = index.GroupSettings(k=int(k), n_boot=int(n_boot), seed=int(seed), min_group_size=int(min_size))
     key = app.run_key(run)
-    space = _space_choice(run)
+    space = app.space_choice(run, "grp_space", "The similarity and neighbour read-outs below")
     params = dict(by=by, population=population, where=where, settings=settings, space=space)
 
     try:
@@ -129,20 +128,6 @@ def _disparities(rec: pd.DataFrame) -> None:
                      column_config={c: st.column_config.NumberColumn(format="%.3f")
                                     for c in ("difference", "diff low", "diff high", "ratio", "ratio low", "ratio high",
                                               "p", "p (Holm)")})
-
-
-def _space_choice(run: index.Run) -> str:
-    """The feature space of the similarity and neighbour read-outs; a space the run lacks (or has
-    no index for) is listed as unavailable, with a note saying how to get it."""
-    status = space_status(run.run_dir, run.manifest)
-    space = st.selectbox("Feature space", index.SPACES, key="grp_space", persist_state="session",
-                         format_func=lambda s: s if not status[s] else f"{s} (unavailable)",
-                         help="query = the final decoder embedding; decoder_k = decoder layer k; encoder_roi / "
-                              "backbone_roi = encoder memory / ResNet layer4 pooled over the person's box")
-    if status[space]:
-        st.info(f"{space} is unavailable in this run: {status[space]}. The read-outs below use query.")
-        return "query"
-    return space
 
 
 def _embedding_readouts(key: tuple, params: dict) -> bool:

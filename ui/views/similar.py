@@ -5,19 +5,21 @@ import io
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import streamlit as st
 from PIL import Image
 
 import index
 from extractor.infer import PhotoDetections
 from extractor.preprocess import open_image
-from ui import app, figures, gallery, photos, runs
+from ui import app, figures, gallery, photos, runs, spaces
 
 log = logging.getLogger(__name__)
 
 MAX_SHOWN = 20        # boxes drawn and offered at most
 FALLBACK = 5          # queries offered when none passes the threshold
 RUN_IMAGE_OPTIONS = 5000
+SOURCES = ("Upload a photo", "An image of this run", "A person of this run (det_id)")
 UPLOAD_KEY = "sim_upload"
 KEPT_KEY = "sim_kept_upload"
 
@@ -42,9 +44,14 @@ def render() -> None:
     note = runs.perturbation_note(run.manifest)
     if note:
         st.info(note)
-    source = st.radio("Query photo", ("Upload a photo", "An image of this run"), horizontal=True, key="sim_source",
-                      persist_state="session")
-    photo = _uploaded() if source == "Upload a photo" else _run_image(run)
+    srun = app.space_run(run, app.space_choice(run, "sim_space", "The search"))
+    if srun is None:
+        return
+    source = st.radio("Query", SOURCES, horizontal=True, key="sim_source", persist_state="session")
+    if source == SOURCES[2]:
+        _from_det_id(run, srun)
+        return
+    photo = _uploaded() if source == SOURCES[0] else _run_image(run)
     if photo is None:
         return
     try:
@@ -52,12 +59,33 @@ def render() -> None:
     except photos.PhotoError as exc:
         st.error(str(exc))
         return
+    # Query space: the plain forward. Another space: every space the run has at once, so
+    # switching between them does not run DETR again.
+    features = () if srun.space == "query" else spaces.detector_features(run.manifest)
     try:
-        det = app.detect(photo.digest, spec, photo.image)
+        det = app.detect(photo.digest, spec, photo.image, features)
     except (ValueError, OSError, RuntimeError) as exc:
         st.error(f"The run's DETR ({spec.checkpoint}) cannot run here: {str(exc).splitlines()[0]}")
         return
-    _results(run, photo, det)
+    _results(run, srun, photo, det)
+
+
+def _from_det_id(run: index.Run, srun: index.Run) -> None:
+    """A person of the run as the query: its stored row in the chosen space, itself left out."""
+    det_id = int(st.number_input("det_id (a row of the run, as the tables and the Embedding map show it)", 0,
+                                 max(run.n - 1, 0), 0, key="sim_det_id", persist_state="session"))
+    person = gallery.neighbour_table(run.meta, np.array([np.nan]), np.array([det_id]))
+    left, right = st.columns([1, 3])
+    left.image(app.crops(person, app.image_paths(app.run_key(run))), width=gallery.CROP_SIZE,
+               caption=f"det {det_id} · MST {person['mst_mode'].iloc[0]} · {person['lighting'].iloc[0]}")
+    right.dataframe(person.drop(columns=["rank", "similarity"]), hide_index=True, width="stretch")
+    k, where = _filters(run)
+    try:
+        D, I = srun.neighbours([det_id], k, where)
+    except ValueError as exc:
+        st.error(f"The search failed: {exc}")
+        return
+    _neighbours(run, srun, D[0], I[0], where, dict(query_det_id=det_id), f"neighbours-det{det_id}-{srun.space}.csv")
 
 
 def _keep_upload() -> None:
@@ -78,7 +106,7 @@ def _uploaded() -> Photo | None:
         st.caption(f"Showing **{name}**, your last upload, kept while you visited other pages.")
     else:
         st.caption("The photo goes through the run's own DETR (same weights, resize and precision); pick a detected "
-                   "person to find the most similar persons of the run.")
+                   "person to find the most similar persons of the run in the chosen feature space.")
         return None
     try:
         img = _decoded(photos.digest(data), data, name)
@@ -132,7 +160,7 @@ def _filters(run: index.Run) -> tuple[int, str | None]:
     return k, gallery.build_where(population, bands, lighting)
 
 
-def _results(run: index.Run, photo: Photo, det: PhotoDetections) -> None:
+def _results(run: index.Run, srun: index.Run, photo: Photo, det: PhotoDetections) -> None:
     threshold = st.slider("Person threshold P(person)", 0.0, 1.0, float(run.manifest.get("threshold", 0.7)), 0.01,
                           key="sim_threshold", help="Starts at the run's own threshold.")
     shown = det.ranked(threshold, fallback=FALLBACK)[:MAX_SHOWN]
@@ -165,15 +193,23 @@ def _results(run: index.Run, photo: Photo, det: PhotoDetections) -> None:
 
     k, where = _filters(run)
     try:
-        D, I = run.search(det.embeddings[q], k, where)
+        D, I = srun.search(spaces.photo_vectors(det, srun.space)[q], k, where)
     except ValueError as exc:
         st.error(f"The search failed: {exc}")
         return
-    table = gallery.neighbour_table(run.meta, D[0], I[0])
+    extra = dict(query_photo=photo.name, query_idx=q, query_score=float(det.scores[q]))
+    _neighbours(run, srun, D[0], I[0], where, extra, f"neighbours-{photo.digest[:8]}-q{q}-{srun.space}.csv")
+
+
+def _neighbours(run: index.Run, srun: index.Run, D: np.ndarray, I: np.ndarray, where: str | None,
+                query: dict, file_name: str) -> None:
+    """The gallery, table, CSV and group composition of one query's neighbours (D, I [k])."""
+    table = gallery.neighbour_table(run.meta, D, I)
     if table.empty:
         st.warning("No row of the run matches these filters: widen them.")
         return
-    st.caption(f"Filter inside the index: `{where or 'none'}` ({int(run.mask(where).sum())} candidate rows).")
+    st.caption(f"Searched in **{srun.space}** (`RUN/index/{'' if srun.space == 'query' else srun.space + '/'}`). "
+               f"Filter inside the index: `{where or 'none'}` ({int(run.mask(where).sum())} candidate rows).")
     g_col, c_col = st.columns([2, 1])
     with g_col:
         st.subheader(f"Nearest persons in the index: {len(table)}")
@@ -181,14 +217,12 @@ def _results(run: index.Run, photo: Photo, det: PhotoDetections) -> None:
         st.image(app.crops(table, paths), caption=[gallery.caption(r) for _, r in table.iterrows()],
                  width=gallery.CROP_SIZE)
         st.dataframe(table, hide_index=True, width="stretch")
-        csv = index.to_csv_bytes(table.assign(query_photo=photo.name, query_idx=q, query_score=float(det.scores[q]),
-                                              where=where or ""))
-        st.download_button("Neighbours (CSV)", csv, file_name=f"neighbours-{photo.digest[:8]}-q{q}.csv",
-                           mime="text/csv", key="sim_csv")
+        csv = index.to_csv_bytes(table.assign(**query, space=srun.space, where=where or ""))
+        st.download_button("Neighbours (CSV)", csv, file_name=file_name, mime="text/csv", key="sim_csv")
     with c_col:
         by = st.selectbox("Composition by", index.GROUPINGS, index=index.GROUPINGS.index("mst_band"), key="sim_by",
                           persist_state="session")
-        comp = gallery.composition(run.meta, I[0], by, app.base_rates(app.run_key(run), where, by))
+        comp = gallery.composition(run.meta, I, by, app.base_rates(app.run_key(run), where, by))
         st.plotly_chart(figures.composition_bars(comp, by), width="stretch", key="sim_comp")
         st.dataframe(comp[["group", "neighbours", "share", "base_rate", "ratio"]], hide_index=True, width="stretch",
                      column_config={"share": st.column_config.NumberColumn(format="percent"),
