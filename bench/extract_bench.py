@@ -24,7 +24,9 @@ from (a)'s scores so that the plain path keeps about three queries per image. Wi
 the same device; on a GPU the default picks bf16 autocast and batches of 16.
 
 ``--whole-process`` instead times both paths as separate processes, the way a user runs
-them, on 2000x1500 real-photo JPEGs (see bench/whole_process.py).
+them, on 2000x1500 real-photo JPEGs (see bench/whole_process.py). Other CPU engines
+(OpenVINO, ONNX Runtime, torch.compile, padded shape buckets) are measured against the
+default path by bench/engine_bench.py.
 """
 from __future__ import annotations
 
