@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,11 +163,15 @@ def _reduce(X: np.ndarray, settings: ProbeSettings) -> np.ndarray:
 
 
 def _oof_probabilities(Z: np.ndarray, y: np.ndarray, fold: np.ndarray, n_classes: int,
-                       settings: ProbeSettings) -> np.ndarray:
-    """Out-of-fold class probabilities [N, K] of a class-balanced logistic regression per fold."""
+                       settings: ProbeSettings, space: str = "") -> np.ndarray:
+    """Out-of-fold class probabilities [N, K] of a class-balanced logistic regression per fold.
+
+    A fit that stops at ``max_iter`` is still the probe as specified (the settings are in the
+    CSV); it is reported in one log line per space instead of sklearn's warning per fold."""
     from sklearn.linear_model import LogisticRegression
 
     P = np.zeros((len(y), n_classes))
+    stopped, fits = 0, 0
     for f in np.unique(fold):
         train, test = fold != f, np.flatnonzero(fold == f)
         classes = np.unique(y[train])
@@ -175,7 +180,13 @@ def _oof_probabilities(Z: np.ndarray, y: np.ndarray, fold: np.ndarray, n_classes
             continue
         clf = LogisticRegression(C=settings.C, class_weight="balanced", max_iter=settings.max_iter)
         clf.fit(Z[train], y[train])
+        fits += 1
+        stopped += int(np.max(clf.n_iter_)) >= settings.max_iter
         P[np.ix_(test, clf.classes_)] = clf.predict_proba(Z[test])
+    if stopped:
+        log.warning("probe %s: lbfgs stopped at max_iter=%d before converging in %d of %d folds "
+                    "(the estimate is that fit's; a larger ProbeSettings.max_iter refits)",
+                    space or "?", settings.max_iter, stopped, fits)
     return P
 
 
@@ -193,7 +204,12 @@ def probe(run_dir: Path | str, by: str, spaces: list[str] | tuple[str, ...] | No
     # Small dense problems: BLAS threads cost far more than they give on a shared 2-core
     # machine (measured 15x slower with two OpenBLAS threads on 174 rows); the spaces are
     # spread over ``workers`` threads instead.
-    with _one_thread():
+    from sklearn.exceptions import ConvergenceWarning
+
+    # Warning filters are process-wide, so this covers the worker threads; each space logs
+    # its unconverged folds once instead (_oof_probabilities).
+    with _one_thread(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
         return _probe(run_dir, by, spaces, population, settings, meta, images, arrays)
 
 
@@ -261,7 +277,7 @@ def _probe(run_dir: Path | str, by: str, spaces: list[str] | tuple[str, ...] | N
 
         def score(source):
             X = source[1]()
-            P = _oof_probabilities(_reduce(X, settings), y, fold, len(names), settings)
+            P = _oof_probabilities(_reduce(X, settings), y, fold, len(names), settings, source[0])
             return int(X.shape[1]), resampled_scores(P, y, codes, draws)
 
         with ThreadPoolExecutor(max_workers=settings.workers) as pool:

@@ -98,3 +98,18 @@ def test_weighted_auc_matches_sklearn_with_ties_and_weights():
     assert np.isnan(_weighted_auc(smooth, np.ones(400, bool), C, codes)).all()
     want = [roc_auc_score(positive, score, sample_weight=w) for w in W]
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_an_unconverged_fit_is_one_log_line_per_space_not_a_warning_per_fold(synthetic, caplog):
+    import warnings
+
+    run, meta, images, arrays = synthetic
+    settings = ProbeSettings(n_boot=50, seed=1, max_iter=2)  # lbfgs cannot converge in 2 steps
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level("WARNING", logger="index.probe"):
+        warnings.simplefilter("always")
+        probe(run, "mst_band", ["planted"], "persons", settings, meta=meta, images=images,
+              arrays={"planted": arrays["planted"]})
+    assert not [w for w in seen if w.category.__name__ == "ConvergenceWarning"]
+    lines = [r.getMessage() for r in caplog.records if "max_iter=2" in r.getMessage()]
+    assert len(lines) == 2 and any(line.startswith("probe planted:") for line in lines), lines  # + nuisance
+    assert all("of 5 folds" in line for line in lines)
