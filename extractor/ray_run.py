@@ -82,13 +82,11 @@ class RayCluster:
 
     def settle(self, settings: ExtractSettings) -> ExtractSettings:
         """``settings`` with the device and precision the actors will use; starts the actors."""
-        device = settings.device
-        if device == "auto":
-            device = "cuda" if self.gpus else "cpu"
+        from .infer import resolve_device
+        device = ("cuda" if self.gpus else "cpu") if settings.device == "auto" else settings.device
+        device = resolve_device(device, check=False)  # the name's checks; the GPUs are the cluster's
         if device.startswith("cuda") and not self.gpus:
             raise ValueError(f"--device {settings.device} asked for, but the Ray cluster has no GPU; use --device cpu")
-        if device != "cpu" and not device.startswith("cuda"):
-            raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
         self._start_actors(device, settings.ray_actors)
         precision = self.ray.get(self.actors[0].precision.remote(settings.precision))
         return replace(settings, device=device, precision=precision)
@@ -119,14 +117,11 @@ class RayCluster:
     def run_shards(self, ckpt: LoadedCheckpoint, plan: Plan, s: ExtractSettings, todo: list[int], keys: list[str],
                    shard_root: Path, bar, progress: Callable[[int, int], None] | None) -> dict[str, float]:
         """Run the shards ``todo`` on the actors (each writes its own); -> the first/last image clock."""
-        ray = self.ray
-        try:
-            job = ray.put((ckpt, plan, s, keys, str(shard_root)))
-            pids = ray.get([a.pid.remote() for a in self.actors])
-            log.info("ray: worker pids %s", " ".join(map(str, pids)))
-            return self._schedule(job, todo, plan, bar, progress, pids)
-        finally:
-            self.close()
+        ray = self.ray  # the actors are freed by run_extraction's close(), whatever happens here
+        job = ray.put((ckpt, plan, s, keys, str(shard_root)))
+        pids = ray.get([a.pid.remote() for a in self.actors])
+        log.info("ray: worker pids %s", " ".join(map(str, pids)))
+        return self._schedule(job, todo, plan, bar, progress, pids)
 
     def _schedule(self, job, todo: list[int], plan: Plan, bar, progress, pids: list[int]) -> dict[str, float]:
         ray = self.ray

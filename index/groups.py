@@ -199,8 +199,8 @@ class Readout:
     frame: Callable[[np.ndarray, np.ndarray, np.ndarray], pd.DataFrame]
     metrics: tuple[str, ...]
 
-    def frame_of(self, boot: BootSettings, universe: np.ndarray | None = None) -> pd.DataFrame:
-        return self.frame(*resample(self.statistic, self.uniq, boot, value=self.value, universe=universe))
+    def frame_of(self, boot: BootSettings) -> pd.DataFrame:
+        return self.frame(*resample(self.statistic, self.uniq, boot, value=self.value))
 
 
 def similarity_readout(run: Run, by: str | Sequence[str], population: str = "detections",

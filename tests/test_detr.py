@@ -33,6 +33,17 @@ def _image(seed: int, height: int, width: int) -> torch.Tensor:
     return smooth + 0.2 * torch.randn(3, height, width, generator=g)
 
 
+def _padded_pair(seed_a: int, seed_b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch [2, 3, 128, 160] of a full image and a 64x96 one zero-padded, with its mask (True = padding)."""
+    batch = torch.zeros(2, 3, 128, 160)
+    batch[0] = _image(seed_a, 128, 160)
+    batch[1, :, :64, :96] = _image(seed_b, 64, 96)
+    mask = torch.ones(2, 128, 160, dtype=torch.bool)
+    mask[0] = False
+    mask[1, :64, :96] = False
+    return batch, mask
+
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
@@ -148,12 +159,7 @@ def test_sine_position_encoding_of_unpadded_region_is_unchanged_by_padding() -> 
 
 
 def test_return_attention_contract(model: torch.nn.Module) -> None:
-    batch = torch.zeros(2, 3, 128, 160)
-    batch[0] = _image(3, 128, 160)
-    batch[1, :, :64, :96] = _image(4, 64, 96)
-    mask = torch.ones(2, 128, 160, dtype=torch.bool)
-    mask[0] = False
-    mask[1, :64, :96] = False
+    batch, mask = _padded_pair(3, 4)
     with torch.no_grad():
         fast = model(batch, mask)
         out = model(batch, mask, return_attention=True)
@@ -227,12 +233,7 @@ def test_fold_frozen_batchnorm_matches_and_leaves_original(model: torch.nn.Modul
 
 
 def test_return_features_contract(model: torch.nn.Module) -> None:
-    batch = torch.zeros(2, 3, 128, 160)
-    batch[0] = _image(9, 128, 160)
-    batch[1, :, :64, :96] = _image(10, 64, 96)
-    mask = torch.ones(2, 128, 160, dtype=torch.bool)
-    mask[0] = False
-    mask[1, :64, :96] = False
+    batch, mask = _padded_pair(9, 10)
     with torch.no_grad():
         plain = model(batch, mask)
         out = model(batch, mask, return_features=True)

@@ -12,6 +12,7 @@ from PIL import Image
 import index
 from extractor.infer import PhotoDetections
 from extractor.preprocess import open_image
+from index.spaces import space_index_dir
 from ui import app, figures, gallery, photos, runs, spaces
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,8 @@ def _neighbours(run: index.Run, srun: index.Run, D: np.ndarray, I: np.ndarray, w
     if table.empty:
         st.warning("No row of the run matches these filters: widen them.")
         return
-    st.caption(f"Searched in **{srun.space}** (`RUN/index/{'' if srun.space == 'query' else srun.space + '/'}`). "
+    index_dir = space_index_dir(srun.run_dir, srun.space).relative_to(srun.run_dir)
+    st.caption(f"Searched in **{srun.space}** (`RUN/{index_dir.as_posix()}/`). "
                f"Filter inside the index: `{where or 'none'}` ({int(run.mask(where).sum())} candidate rows).")
     g_col, c_col = st.columns([2, 1])
     with g_col:
