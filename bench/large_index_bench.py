@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kind", default="auto", help="index kind to build (auto picks ivfpq above the RAM share)")
     parser.add_argument("--compare-by", default="mst_mode", help="grouping of the compare step")
+    parser.add_argument("--no-predictions", action="store_true",
+                        help="write the run without predictions.parquet (less memory; nothing here reads it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("index").setLevel(logging.WARNING)
@@ -158,7 +160,8 @@ def main() -> None:
     res: dict = {"rows": args.rows, "cpus": os.cpu_count()}
     try:
         if not (run_dir / "manifest.json").is_file():
-            res["synthetic"] = child(["-m", "index", "synthetic", str(run_dir), "--rows", str(args.rows), "--seed", str(args.seed)])
+            res["synthetic"] = child(["-m", "index", "synthetic", str(run_dir), "--rows", str(args.rows), "--seed", str(args.seed),
+                                      *(["--no-predictions"] if args.no_predictions else [])])
             logging.info("synthetic: %.0f s, peak %.0f MB", res["synthetic"]["s"], res["synthetic"]["peak_mb"])
         if args.reuse_index and (run_dir / "index" / "manifest.json").is_file():
             res["build"] = {"s": float("nan"), "peak_mb": float("nan"), "out": ""}
@@ -221,7 +224,7 @@ def main() -> None:
             res[step].pop("out")
     print(json.dumps(res, indent=1, default=float))
     m = res["manifest"]
-    print(f"\n{args.rows:,} rows, {res['cpus']} CPUs (shared with other agents), {m['kind']} {m['params']}\n")
+    print(f"\n{args.rows:,} rows, {res['cpus']} CPUs, load average {os.getloadavg()[0]:.1f} at the end, {m['kind']} {m['params']}\n")
     print("| step | figure |\n|---|---|")
     if "synthetic" in res:
         print(f"| python -m index synthetic | {res['synthetic']['s']:.0f} s, peak RSS {res['synthetic']['peak_mb']:.0f} MB |")

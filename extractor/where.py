@@ -25,8 +25,11 @@ def evaluate_where(frame: pd.DataFrame, where: str) -> np.ndarray:
     if not where.strip():
         raise ValueError("where is empty: give a condition such as \"mst_band == 'darker'\" or None for all rows")
     try:
-        # The python engine keeps pandas' nullable dtypes (NA) intact.
-        result = frame.eval(where, engine="python")
+        # The python engine keeps pandas' nullable dtypes (NA) intact. Categoricals named in
+        # the query are compared as strings: an unordered categorical refuses '<'.
+        named = {c: frame[c].astype(str) for c in frame.columns
+                 if isinstance(frame[c].dtype, pd.CategoricalDtype) and str(c) in where}
+        result = (frame.assign(**named) if named else frame).eval(where, engine="python")
     except pd.errors.UndefinedVariableError as exc:
         name = _missing_name(str(exc))
         close = difflib.get_close_matches(name, [str(c) for c in frame.columns], n=3) if name else []

@@ -179,9 +179,11 @@ def _tiny_boxes(rng: np.random.Generator, w: np.ndarray, h: np.ndarray) -> np.nd
 
 def _plant(rng: np.random.Generator, effects: PlantedEffects, persons: pd.DataFrame, person_image: np.ndarray,
            gt: np.ndarray, row_image: np.ndarray, row_person: np.ndarray, query_idx: np.ndarray,
-           image_w: np.ndarray, image_h: np.ndarray, n_images: int) -> dict:
+           image_w: np.ndarray, image_h: np.ndarray, n_images: int, predictions: bool = True) -> dict:
     """Per row its box and score, per evaluated person whether the run detected them, and
-    the predictions of the ``n_images`` ok images (100 queries each); see index.planted.
+    the predictions of the ``n_images`` ok images (100 queries each; None unless
+    ``predictions``: they are drawn after everything else, so leaving them out changes
+    nothing else); see index.planted.
 
     Rows of an image hold queries [s, s + n) (s = 7 * image mod 100, ``query_idx``); a
     found person's duplicate takes s + 50 + k and the low-score false positives s + 25 + j,
@@ -208,6 +210,8 @@ def _plant(rng: np.random.Generator, effects: PlantedEffects, persons: pd.DataFr
     boxes = _tiny_boxes(rng, image_w[row_image].astype(float), image_h[row_image].astype(float))
     score = rng.uniform(THRESHOLD, 1.0, n_rows).astype(np.float32)  # rows of nobody: kept false positives
     boxes[is_person], score[is_person] = p_box[pr], p_score[pr]
+    if not predictions:
+        return {"boxes": boxes, "score": score, "person_detected": detected, "predictions": None}
 
     # Background queries: other classes, anywhere.
     n_q = 100 * n_images
@@ -258,6 +262,36 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (inter / (area(a) + area(b) - inter)).astype(np.float32)
 
 
+# Peak anonymous memory of the writer a row, measured with ``/usr/bin/time -v``: peak RSS
+# less the memory-mapped embeddings (page cache, reclaimable) and the imported libraries;
+# 2.8 KB a row at 5M rows with predictions (19.9 GB peak RSS), 2.05 KB at 400k without.
+PEAK_BYTES_PER_ROW = {True: 2_900, False: 2_100}  # with / without predictions
+_BASE_BYTES = 400 << 20
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(n_rows: int, predictions: bool, available: int | None = None) -> None:
+    """ValueError before any work when the writer's measured peak would not fit in the
+    memory available now (Linux's MemAvailable; no check where it cannot be read)."""
+    available = available_memory() if available is None else available
+    need = _BASE_BYTES + PEAK_BYTES_PER_ROW[predictions] * n_rows
+    if available is not None and need > available:
+        hint = ("pass --no-predictions (~28% less; the run then has no detection audit) or fewer rows"
+                if predictions else "write fewer rows")
+        raise ValueError(f"a synthetic run of {n_rows:,} rows needs ~{need / 2**30:.1f} GiB of memory at its peak "
+                         f"and {available / 2**30:.1f} GiB are available: {hint}")
+
+
 def dataset_layout(n_rows: int, seed: int) -> dict:
     """The dataset part of a run drawn from ``seed`` (images, persons, attributes, boxes,
     row slots), and ``rng`` positioned where the embeddings start."""
@@ -299,7 +333,8 @@ def dataset_layout(n_rows: int, seed: int) -> dict:
             "row_person": row_person, "gt": gt, "query_idx": query_idx, "filenames": filenames, "persons": persons}
 
 
-def planted_detections(layout: dict, effects: PlantedEffects, detection_seed: int | None) -> dict:
+def planted_detections(layout: dict, effects: PlantedEffects, detection_seed: int | None,
+                       predictions: bool = True) -> dict:
     """The planted detections (``_plant``) of a ``dataset_layout`` from their own seed:
     one dataset, several planted detection effects (or many draws, for simulations)."""
     n = layout["n_people"]
@@ -307,7 +342,7 @@ def planted_detections(layout: dict, effects: PlantedEffects, detection_seed: in
                                  else detection_seed)
     return _plant(drng, effects, layout["attrs"].iloc[:n].reset_index(drop=True), layout["person_image"][:n],
                   layout["gt"][:n], layout["row_image"], layout["row_person"], layout["query_idx"],
-                  layout["image_w"], layout["image_h"], layout["n_images"])
+                  layout["image_w"], layout["image_h"], layout["n_images"], predictions)
 
 
 def planted_tables(n_rows: int, seed: int = 0, effects: PlantedEffects = PlantedEffects(),
@@ -325,14 +360,18 @@ def planted_tables(n_rows: int, seed: int = 0, effects: PlantedEffects = Planted
 
 def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: int = 256,
                         n_clusters: int | None = None, group_shift: float = 0.25,
-                        effects: PlantedEffects = PlantedEffects(), detection_seed: int | None = None) -> Path:
+                        effects: PlantedEffects = PlantedEffects(), detection_seed: int | None = None,
+                        predictions: bool = True) -> Path:
     """Write a complete synthetic run of ``n_rows`` embeddings to ``run_dir``.
 
     ``seed`` fixes the dataset (images, persons, attributes, boxes, embeddings);
     ``detection_seed`` (default: derived from ``seed``) and ``effects`` fix the planted
     detections, so several runs of one dataset can carry different effects. The
-    manifest's ``planted`` holds the truth (index.planted).
+    manifest's ``planted`` holds the truth (index.planted). ``predictions=False`` leaves
+    out predictions.parquet (100 rows an image, most of the memory at millions of rows)
+    and nothing else: the run is the same minus the detection audit.
     """
+    check_memory(n_rows, predictions)
     layout = dataset_layout(n_rows, seed)
     run_dir = Path(run_dir)
     rng = layout["rng"]
@@ -344,7 +383,7 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
     gt, query_idx, filenames, persons = layout["gt"], layout["query_idx"], layout["filenames"], layout["persons"].copy()
     n_persons = len(person_image)
     person_evaluated = persons["evaluated"].to_numpy()
-    det = planted_detections(layout, effects, detection_seed)
+    det = planted_detections(layout, effects, detection_seed, predictions)
     boxes, score, predictions = det["boxes"], det["score"], det["predictions"]
     person_detected = np.zeros(n_persons, dtype=bool)
     person_detected[:n_people] = det["person_detected"]
@@ -413,8 +452,11 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
         "n_rows": np.bincount(row_image, minlength=len(all_images)).astype(np.int32),
     })
 
-    # The one writer takes an array: filled block by block, so it is held once.
-    xb = np.empty((n_rows, dim), dtype=np.float32)
+    # The one writer takes an array: filled block by block into a memory-mapped scratch
+    # file beside the run, so the rows live in the page cache, not in the process (5 GB at 5M).
+    run_dir.mkdir(parents=True, exist_ok=True)
+    scratch = run_dir / ".synthetic-embeddings.npy"
+    xb = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(n_rows, dim))
     for lo, block in zip(range(0, n_rows, _CHUNK), embedding_blocks()):
         xb[lo:lo + len(block)] = block
     manifest = Manifest(
@@ -426,7 +468,11 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
                   "detection_seed": detection_seed, "planted_effects": effects.as_dict()},
         planted=planted_truth(effects, persons[person_evaluated].reset_index(drop=True), IOU_THRESHOLDS, THRESHOLD),
     )
-    write_run(run_dir, manifest, images=images, persons=persons, detections=detections, embeddings=xb,
-              predictions=predictions)
+    try:
+        write_run(run_dir, manifest, images=images, persons=persons, detections=detections, embeddings=xb,
+                  predictions=predictions)
+    finally:
+        del xb
+        scratch.unlink(missing_ok=True)
     log.info("wrote a synthetic run of %d rows to %s", n_rows, run_dir)
     return run_dir

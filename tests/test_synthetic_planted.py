@@ -84,3 +84,31 @@ def test_realised_ar_and_recall_are_close_to_planted(tmp_path):
         assert abs(audit["ar"].mean() - planted["ar"]["all"]["all"]) < 0.02
     assert all(abs(z) < 4 for v in zs.values() for z in v)
     assert all(abs(np.mean(v)) < 1.5 for v in zs.values())
+
+
+def test_run_without_predictions_is_the_same_run_minus_them(tmp_path):
+    full = write_synthetic_run(tmp_path / "full", 900, seed=4)
+    lean = write_synthetic_run(tmp_path / "lean", 900, seed=4, predictions=False)
+    for name in ("images.parquet", "persons.parquet", "detections.parquet", "embeddings.npy"):
+        assert (full / name).read_bytes() == (lean / name).read_bytes(), name
+    assert not (lean / "predictions.parquet").exists()
+    assert sorted(p.name for p in lean.iterdir()) == sorted(p.name for p in full.iterdir() if p.name != "predictions.parquet")
+    manifest = json.loads((lean / "manifest.json").read_text())
+    assert manifest["counts"]["predictions"] is None and "predictions.parquet" not in manifest["tables"]
+    with pytest.raises(ValueError, match="predictions"):
+        run_audit(lean)
+
+
+def test_memory_check_refuses_before_writing_anything(tmp_path):
+    from index.synthetic import PEAK_BYTES_PER_ROW, check_memory
+
+    check_memory(1_000_000, True, available=1 << 40)
+    check_memory(1_000_000, False, available=None)  # unknown: no check
+    with pytest.raises(ValueError, match="--no-predictions"):
+        check_memory(5_000_000, True, available=4 << 30)
+    with pytest.raises(ValueError, match="fewer rows"):
+        check_memory(5_000_000, False, available=4 << 30)
+    assert PEAK_BYTES_PER_ROW[False] < PEAK_BYTES_PER_ROW[True]
+    from index.__main__ import main
+    assert main(["synthetic", str(tmp_path / "huge"), "--rows", str(10**12)]) == 2
+    assert not (tmp_path / "huge").exists()
