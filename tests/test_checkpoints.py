@@ -219,3 +219,35 @@ def test_resnet101_layout() -> None:
     # the R101 layout the loader checks against, without paying for an R101 calibration here
     shapes = checkpoints._expected_shapes("resnet101")
     assert shapes["backbone.0.body.layer3.22.conv1.weight"] == (256, 1024, 1, 1)
+
+
+def test_loading_a_checkpoint_file_does_not_import_dynamo(tmp_path: Path, seeded) -> None:
+    """The meta builds skip nn.init: on meta tensors normal_ imports torch._dynamo (~1.4 s a start)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "detr.pth"
+    torch.save({"model": seeded}, path)
+    code = ("import sys, torch\n"
+            "from extractor.checkpoints import build_model\n"
+            f"model, _ = build_model({str(path)!r})\n"
+            "print(sorted(m for m in ('torch._dynamo', 'scipy.ndimage', 'torchvision') if m in sys.modules))\n"
+            "print(float(model.query_embed.weight.sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split("\n")
+    assert out[0] == "[]", out
+    assert float(out[1]) == pytest.approx(float(seeded["query_embed.weight"].sum()), rel=1e-6)
+
+
+def test_meta_build_restores_the_initialisers_and_touches_meta_tensors_only() -> None:
+    before = {name: getattr(torch.nn.init, name) for name in checkpoints._INITIALISERS}
+    with checkpoints.meta_build():
+        layer = torch.nn.Linear(3, 2)
+        assert layer.weight.is_meta
+        with pytest.raises(AssertionError, match="meta tensors only"):
+            torch.nn.init.normal_(torch.empty(2, device="cpu"))
+    assert {name: getattr(torch.nn.init, name) for name in checkpoints._INITIALISERS} == before
+    with pytest.raises(RuntimeError), checkpoints.meta_build():
+        raise RuntimeError("a failed build")
+    assert {name: getattr(torch.nn.init, name) for name in checkpoints._INITIALISERS} == before
+    assert not torch.nn.Linear(3, 2).weight.is_meta  # the device context is gone too
