@@ -97,7 +97,9 @@ def image_weights(image_ids: np.ndarray, settings: BootSettings = BootSettings()
             continue
         draws = _chunk_rng(settings.seed, uniq, c).integers(0, n, size=(CHUNK, n), dtype=np.int64)[:b]
         draws += (np.arange(b, dtype=np.int64) * n)[:, None]
-        yield np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+        counts = np.bincount(draws.ravel(), minlength=b * n)
+        del draws  # one [CHUNK, n] int64 array less at the peak (0.6 GB at 1.25M images)
+        yield counts.reshape(b, n).astype(np.float64)
 
 
 def per_image_sums(values: np.ndarray, inverse: np.ndarray, n_images: int) -> np.ndarray:

@@ -144,9 +144,13 @@ def by_names(by: str | Sequence[str]) -> list[str]:
     return names
 
 
-def groups_of(frame: pd.DataFrame, by: str | Sequence[str]) -> Groups:
-    """One grouping, or the intersection of several (cells in label order, first varying slowest)."""
+def groups_of(frame: pd.DataFrame, by: str | Sequence[str], rows: np.ndarray | None = None) -> Groups:
+    """One grouping, or the intersection of several (cells in label order, first varying slowest),
+    over ``frame`` or its ``rows`` (positions; only the groupings' columns are taken, not a copy
+    of every column: ~1.5 GB at 5M rows)."""
     names = by_names(by)
+    if rows is not None:
+        frame = frame[list(dict.fromkeys(c for n in names for c in REGISTRY[n].columns))].iloc[rows]
     labels, M = membership(frame, names[0])
     unknown = np.array([lab == UNKNOWN for lab in labels])
     for name in names[1:]:

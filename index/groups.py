@@ -143,11 +143,17 @@ def similarity_statistic(M: np.ndarray, X: np.ndarray, inv: np.ndarray):
         rows = order[bounds[p]:bounds[p + 1]]
         imgs, local = np.unique(inv[rows], return_inverse=True)
         local = local.ravel()
-        # X may be Run.unit_rows (streamed from the file in blocks): sum block by block.
-        A = sum((per_image_sums(x, local[lo:lo + len(x)], len(imgs)) for lo, x in _blocks(X[rows])),
-                np.zeros((len(imgs), X.shape[1])))
-        sums[p] = A.sum(axis=0)
-        cells.append((imgs, A.astype(np.float32), np.bincount(local, minlength=len(imgs)).astype(np.float32)))
+        # X may be Run.unit_rows (streamed from the file in blocks): sum block by block, each
+        # block over the images it spans (rows come in image order, so a few), into float32
+        # cells; the data's sums stay float64. A float64 [images, d] per block cost 2.5 GB at 5M rows.
+        A = np.zeros((len(imgs), X.shape[1]), dtype=np.float32)
+        for lo, x in _blocks(X[rows]):
+            part = local[lo:lo + len(x)]
+            first = int(part.min(initial=0))
+            block = per_image_sums(x, part - first, int(part.max(initial=-1)) + 1 - first)
+            sums[p] += block.sum(axis=0)
+            A[first:first + len(block)] += block
+        cells.append((imgs, A, np.bincount(local, minlength=len(imgs)).astype(np.float32)))
     S = Q.T @ sums
     with one_blas_thread():
         Mf = M.astype(np.float64)
@@ -207,7 +213,7 @@ def similarity_readout(run: Run, by: str | Sequence[str], population: str = "det
                        settings: GroupSettings = GroupSettings(), where: str | None = None) -> Readout:
     """``similarity`` before its rounds (``Readout``)."""
     rows = population_rows(run.meta, population, where)
-    groups = groups_of(run.meta.iloc[rows], by)
+    groups = groups_of(run.meta, by, rows)
     sizes = groups.M.sum(axis=0)
     uniq, inv = image_index(run.meta["image_id"].to_numpy()[rows])
     stat, value = similarity_statistic(groups.M, run.unit_rows(rows), inv)
@@ -268,7 +274,7 @@ def neighbour_readout(run: Run, by: str | Sequence[str], population: str = "dete
     base rate is recomputed in every round).
     """
     rows = population_rows(run.meta, population, where)
-    groups = groups_of(run.meta.iloc[rows], by)
+    groups = groups_of(run.meta, by, rows)
     M, G, N = groups.M, len(groups.labels), len(rows)
     rng = np.random.default_rng(settings.seed)
     cap = settings.max_queries_per_group
