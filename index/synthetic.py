@@ -26,6 +26,7 @@ from extractor.groups import (
 )
 from extractor.rundir import NUM_QUERIES, Manifest, write_run
 from index.audit import IOU_THRESHOLDS
+from index.mixture import CHUNK, generator_at, mixture_chunks, mixture_params, skip_mixture, skip_normals
 from index.planted import PlantedEffects, found_logit, iou_params, planted_truth, scaled_boxes
 
 log = logging.getLogger(__name__)
@@ -39,71 +40,6 @@ _CLASSES = ("guitarist", "nurse", "skateboarder", "farmer", "doctor", "dancer", 
 _HAIR = ("hair_color_black", "hair_color_blonde", "hair_color_brown", "hair_color_grey", "hair_color_na")
 _HAIRTYPE = ("hairtype_straight", "hairtype_curly", "hairtype_wavy", "hairtype_coily", "hairtype_na")
 _HAS = ("has_facial_hair", "has_tattoo", "has_cap", "has_mask", "has_headscarf", "has_eyeware")
-
-
-_CHUNK = 65_536  # rows per draw of the mixture noise: part of what a seed produces
-
-
-def _mixture(n: int, dim: int, n_clusters: int, rng: np.random.Generator, rank: int = 16) -> dict:
-    """The mixture's parameters and each row's cluster (drawn before any row's noise)."""
-    mean = rng.standard_normal(dim).astype(np.float32)
-    centres = rng.standard_normal((n_clusters, dim)).astype(np.float32) + mean
-    bases = (rng.standard_normal((n_clusters, rank, dim)) * 0.2).astype(np.float32)
-    weights = rng.dirichlet(np.full(n_clusters, 2.0))
-    labels = rng.choice(n_clusters, size=n, p=weights)
-    return {"centres": centres, "bases": bases, "labels": labels, "dim": dim, "rank": rank}
-
-
-def _mixture_chunks(mixture: dict, rng: np.random.Generator, chunk: int = _CHUNK) -> Iterator[np.ndarray]:
-    """float32 [<= chunk, dim] blocks of rows in order, drawn from ``rng``."""
-    centres, bases, labels = mixture["centres"], mixture["bases"], mixture["labels"]
-    n_clusters = len(centres)
-    for lo in range(0, len(labels), chunk):
-        lab = labels[lo:lo + chunk]
-        x = centres[lab] + rng.standard_normal((len(lab), mixture["dim"]), dtype=np.float32) * 0.4
-        z = rng.standard_normal((len(lab), mixture["rank"]), dtype=np.float32)
-        order = np.argsort(lab, kind="stable")
-        bounds = np.searchsorted(lab[order], np.arange(n_clusters + 1))
-        for c in np.flatnonzero(np.diff(bounds)):
-            rows = order[bounds[c]:bounds[c + 1]]
-            x[rows] += z[rows] @ bases[c]
-        yield x
-
-
-def _skip_mixture(mixture: dict, rng: np.random.Generator, chunk: int = _CHUNK) -> None:
-    """Advance ``rng`` exactly as ``_mixture_chunks`` does, without computing rows."""
-    for lo in range(0, len(mixture["labels"]), chunk):
-        m = min(chunk, len(mixture["labels"]) - lo)
-        rng.standard_normal((m, mixture["dim"]), dtype=np.float32)
-        rng.standard_normal((m, mixture["rank"]), dtype=np.float32)
-
-
-def clustered_vectors(n: int, dim: int, n_clusters: int, rng: np.random.Generator,
-                      rank: int = 16, chunk: int = _CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [n, dim] from a mixture of Gaussians, and each row's cluster.
-
-    Each cluster is a Gaussian with a low-rank-plus-noise covariance around a centre
-    that shares a common mean direction: cosines are positive overall, higher inside a
-    cluster, and nearest neighbours are meaningful (low intrinsic dimension).
-    """
-    mixture = _mixture(n, dim, n_clusters, rng, rank)
-    out = np.empty((n, dim), dtype=np.float32)
-    for lo, x in zip(range(0, n, chunk), _mixture_chunks(mixture, rng, chunk)):
-        out[lo:lo + len(x)] = x
-    return out, mixture["labels"]
-
-
-def _generator_at(state: dict) -> np.random.Generator:
-    bit_generator = np.random.PCG64()
-    bit_generator.state = state
-    return np.random.Generator(bit_generator)
-
-
-def _skip_normals(rng: np.random.Generator, rows: int, dim: int) -> None:
-    """Advance ``rng`` past ``standard_normal((rows, dim), float32)`` in bounded blocks
-    (split draws consume the stream exactly as one draw does)."""
-    for lo in range(0, rows, _CHUNK):
-        rng.standard_normal((min(_CHUNK, rows - lo), dim), dtype=np.float32)
 
 
 def _counts(rng: np.random.Generator, latent: np.ndarray, n_values: int, spread: float) -> np.ndarray:
@@ -399,20 +335,20 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
     # streamed to the file in blocks of rows (a 5M-row run is 5 GB): the first pass only
     # advances the generator to find where the image offsets and group directions
     # start, the second redraws the same numbers block by block.
-    mixture = _mixture(n_rows, dim, n_clusters, rng)
+    mixture = mixture_params(n_rows, dim, n_clusters, rng)
     noise_state = rng.bit_generator.state
-    _skip_mixture(mixture, rng)
+    skip_mixture(mixture, rng)
     offset_state = rng.bit_generator.state
-    _skip_normals(rng, n_images, dim)
+    skip_normals(rng, n_images, dim)
     tone_dir, dim_dir = rng.standard_normal((2, dim)).astype(np.float32) * group_shift
     row_tone = np.where(is_person, tone[np.maximum(row_person, 0)], 0)
     tone_shift = np.where(is_person & (row_tone > 0), (row_tone - 5.5) / 4.5, 0)
     dim_lit = attrs["lighting_dimly_lit"].to_numpy()[np.maximum(row_person, 0)] & is_person
 
     def embedding_blocks() -> Iterator[np.ndarray]:
-        offsets, first = _generator_at(offset_state), 0  # image offsets [first, first + len(held))
+        offsets, first = generator_at(offset_state), 0  # image offsets [first, first + len(held))
         held = np.empty((0, dim), dtype=np.float32)
-        for lo, x in zip(range(0, n_rows, _CHUNK), _mixture_chunks(mixture, _generator_at(noise_state))):
+        for lo, x in zip(range(0, n_rows, CHUNK), mixture_chunks(mixture, generator_at(noise_state))):
             hi = lo + len(x)
             img = row_image[lo:hi]  # sorted: each block needs a contiguous run of images
             drop = int(img[0]) - first
@@ -457,7 +393,7 @@ def write_synthetic_run(run_dir: Path | str, n_rows: int, seed: int = 0, dim: in
     run_dir.mkdir(parents=True, exist_ok=True)
     scratch = run_dir / ".synthetic-embeddings.npy"
     xb = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(n_rows, dim))
-    for lo, block in zip(range(0, n_rows, _CHUNK), embedding_blocks()):
+    for lo, block in zip(range(0, n_rows, CHUNK), embedding_blocks()):
         xb[lo:lo + len(block)] = block
     manifest = Manifest(
         kind="synthetic", embedding_dim=dim, threshold=THRESHOLD,

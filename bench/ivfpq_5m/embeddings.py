@@ -4,15 +4,15 @@ block into an .npy memmap (the full writer peaked at 17.7 GB and was OOM-killed 
 import sys, numpy as np
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout
-from index.synthetic import _mixture, _mixture_chunks
+from index.mixture import mixture_chunks, mixture_params
 from index.vectors import release_rows
 n, dim = int(sys.argv[2]), 256
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
-mix = _mixture(n, dim, 64, rng)
+mix = mixture_params(n, dim, 64, rng)
 xb = np.lib.format.open_memmap(out / "embeddings.npy", mode="w+", dtype=np.float32, shape=(n, dim))
 off = np.random.default_rng(1)
-for lo, x in zip(range(0, n, 65536), _mixture_chunks(mix, rng)):
+for lo, x in zip(range(0, n, 65536), mixture_chunks(mix, rng)):
     x += np.repeat(off.standard_normal((len(x) // 4 + 1, dim), dtype=np.float32), 4, axis=0)[:len(x)] * 0.3
     xb[lo:lo + len(x)] = x
     if lo % (65536 * 16) == 0:
