@@ -14,7 +14,7 @@ import hashlib
 import logging
 import re
 import urllib.error
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -238,8 +238,8 @@ def meta_build() -> Iterator[None]:
     """
     saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
     try:
-        for name in _INITIALISERS:
-            setattr(torch.nn.init, name, _no_init)
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, _skip_meta(fn))
         with torch.device("meta"):
             yield
     finally:
@@ -247,10 +247,11 @@ def meta_build() -> Iterator[None]:
             setattr(torch.nn.init, name, fn)
 
 
-def _no_init(tensor: Tensor, *args: object, **kwargs: object) -> Tensor:
-    if not tensor.is_meta:
-        raise AssertionError("meta_build skips the initialisation of meta tensors only")
-    return tensor
+def _skip_meta(init: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``init`` for real tensors (another thread may be building a model meanwhile), a no-op on meta ones."""
+    def maybe(tensor: Tensor, *args: object, **kwargs: object) -> Tensor:
+        return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+    return maybe
 
 
 @lru_cache(maxsize=None)
