@@ -1,6 +1,7 @@
 """5M embeddings only (no tables): the synthetic writer's mixture (64 clusters, rank-16 spread,
 noise 0.4) plus a shared 0.3 N(0,1) offset per image of 4 consecutive rows; written block by
-block into an .npy memmap (the full writer peaked at 17.7 GB and was OOM-killed here)."""
+block into an .npy memmap. For exploring index variants without a run's tables; a whole 5M run
+(`python -m index synthetic --rows 5000000`, 20 GB peak) is what bench/large_index_bench.py measures."""
 import sys, numpy as np
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout
