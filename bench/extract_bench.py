@@ -21,7 +21,7 @@ allowed when the plain score is within 0.01 of the threshold). The threshold is 
 from (a)'s scores so that the plain path keeps about three queries per image. With
 ``--levers`` it also times the model alone under each speed lever (CPU).
 ``--device``, ``--batch-size`` and ``--precision`` are passed to (b), and (a) runs on
-the same device; on a GPU the default picks bf16 autocast and batches of 16.
+the same device, in strict float32; on a GPU the default picks TF32 and batches of 16.
 
 ``--whole-process`` instead times both paths as separate processes, the way a user runs
 them, on 2000x1500 real-photo JPEGs (see bench/whole_process.py). Other CPU engines
@@ -54,9 +54,10 @@ from extractor.checkpoints import seeded_state_dict  # noqa: E402
 from extractor.demo import write_demo  # noqa: E402
 from extractor.detr import build_detr, fold_frozen_batchnorm  # noqa: E402
 from extractor.fastpath import optimise_for_inference  # noqa: E402
-from extractor.infer import resolve_device  # noqa: E402
+from extractor.infer import precision_context, resolve_device  # noqa: E402
 from extractor.matching import cxcywh_to_xyxy_pixels, match_image  # noqa: E402
 from extractor.pipeline import run_extraction  # noqa: E402
+from extractor.precisions import PRECISIONS  # noqa: E402
 from extractor.preprocess import IMAGENET_MEAN, IMAGENET_STD, collate, load_prepared, target_size  # noqa: E402
 from extractor.settings import ExtractSettings  # noqa: E402
 
@@ -99,7 +100,8 @@ def plain_path(model: torch.nn.Module, paths: list[Path], device: str = "cpu") -
         img = Image.open(path).convert("RGB")
         img = img.resize(target_size(img.width, img.height, 800, 1333), Image.BILINEAR)
         x = torch.from_numpy(np.array(img)).to(device).permute(2, 0, 1).float().div(255).sub(mean).div(std)[None]
-        with torch.no_grad():
+        # Strict float32 on a GPU too: PyTorch's default runs cuDNN convolutions in TF32.
+        with torch.no_grad(), precision_context(device, "fp32"):
             o = {k: v[0].float().cpu() for k, v in model(x).items()}  # .cpu() waits for the GPU
         out[path.name] = {"scores": o["pred_logits"].softmax(-1)[:, 1].numpy(),
                           "boxes": o["pred_boxes"].numpy(), "emb": o["query_embeddings"].numpy(),
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levers", action="store_true", help="also time the model alone under each lever (CPU)")
     p.add_argument("--device", default="auto", help="device of both paths: auto (CUDA when available), cpu, cuda")
     p.add_argument("--batch-size", type=int, default=0, help="batch size of (b); 0: the extractor's auto")
-    p.add_argument("--precision", default="auto", help="precision of (b): auto, fp32, bf16, fp16")
+    p.add_argument("--precision", default="auto", help="precision of (b): " + ", ".join(PRECISIONS))
     p.add_argument("--whole-process", action="store_true",
                    help="time both paths as whole processes (plain script vs `python -m extractor run`)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved A/B pairs of --whole-process (default 3)")

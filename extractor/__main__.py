@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .precisions import PRECISION_HELP, PRECISIONS
+
 # Before torch loads: OpenMP threads that spin while waiting make every forward 10-40x
 # slower as soon as anything else (our decoding threads, another program) wants a core.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -73,9 +75,7 @@ def _run_options(r: argparse.ArgumentParser, out_help: str, perturb_help: str, p
     r.add_argument("--batch-size", type=int, default=0,
                    help="images per forward pass; 0 = auto (1 on the CPU: no padding, official numbers; 16 on a GPU)")
     r.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda (default auto)")
-    r.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto = fp32 on the CPU (fused fast path, official numbers) and bf16 autocast on a GPU; "
-                        "bf16 on the CPU is an option that changes embeddings slightly (see README)")
+    r.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     r.add_argument("--min-size", type=int, default=800, help="shorter image side after resizing (default 800)")
     r.add_argument("--max-size", type=int, default=1333, help="longest image side after resizing (default 1333)")
     r.add_argument("--limit", type=int, default=None, help="only the first N images (by image id)")

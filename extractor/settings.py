@@ -23,7 +23,7 @@ class ExtractSettings:
     threshold: float = 0.7
     batch_size: int = 0            # 0: auto (1 on the CPU, 16 on a GPU)
     device: str = "auto"
-    precision: str = "auto"        # auto | fp32 | bf16 | fp16
+    precision: str = "auto"        # extractor/precisions.py: auto | fp32 | tf32 | bf16 | fp16
     min_size: int = 800
     max_size: int = 1333
     limit: int | None = None

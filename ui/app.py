@@ -210,7 +210,7 @@ class DetectorSpec:
         pre = manifest.get("preprocessing") or {}
         spec = ck.get("spec")
         precision = pre.get("precision", "auto")
-        # fp16 exists only on CUDA; a GPU-made run opened on a CPU uses the CPU's choice.
+        # fp16 and tf32 exist only on CUDA; a GPU-made run opened on a CPU uses the CPU's choice.
         if precision not in ("fp32", "bf16"):
             precision = "auto"
         return cls(checkpoint=spec or "none", seed=int(ck.get("seed") or 0), min_size=int(pre.get("min_size", 800)),
