@@ -241,7 +241,7 @@ def _run_batch(model, plan: Plan, s: ExtractSettings, image_ids: list[int], load
     results = {iid: {"image_id": iid, "status": p, "rows": None} for iid, p in zip(image_ids, loaded)
                if isinstance(p, str)}
     if ok:
-        pixel_values, mask = collate([p.pixels for _, p in ok])
+        pixel_values, mask = collate([p.pixels for _, p in ok], device=s.device)
         # Same-size batches need no mask: the attention then skips the masking work.
         extra = bool(feature_files(s.features))
         out = forward(model, pixel_values, mask if bool(mask.any()) else None, s.device, s.precision,

@@ -137,29 +137,43 @@ def load_prepared(path: Path | str, min_size: int, max_size: int | None, *, draf
     return prepare_image(rgb, min_size, max_size, orig_size=orig)
 
 
-def collate(images: list[np.ndarray], *, channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalise and zero-pad a list of HWC uint8 images into a batch.
+def collate(images: list[np.ndarray], *, channels_last: bool = True,
+            device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise and zero-pad a list of HWC uint8 images into a batch on ``device``.
 
     Returns pixel_values float32 [B, 3, H, W] (channels-last memory when asked) and
     pixel_mask bool [B, H, W], True on padding. Padding is zero *after*
-    normalisation, as in the official NestedTensor.
+    normalisation, as in the official NestedTensor. On a GPU the uint8 batch is sent and
+    normalised there: a quarter of the bytes over the bus and no per-pixel float work on the
+    thread that feeds the GPU; the same float32 operations give the same values.
     """
+    batch, mask = pad_uint8(images, pinned=device.startswith("cuda"))
+    if device != "cpu":
+        batch, mask = batch.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    return normalise(batch, mask, channels_last=channels_last), mask
+
+
+def pad_uint8(images: list[np.ndarray], *, pinned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [B, H, W, 3] zero-padded bottom/right to the largest image, and the bool [B, H, W]
+    padding mask. ``pinned``: page-locked memory, so the copy to a GPU is asynchronous."""
     if not images:
         raise ValueError("cannot collate an empty batch")
     H = max(im.shape[0] for im in images)
     W = max(im.shape[1] for im in images)
     B = len(images)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32) * 255.0
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32) * 255.0)
-    batch = torch.zeros(B, H, W, 3, dtype=torch.float32)
-    mask = torch.ones(B, H, W, dtype=torch.bool)
+    batch = torch.zeros(B, H, W, 3, dtype=torch.uint8, pin_memory=pinned)
+    mask = torch.ones(B, H, W, dtype=torch.bool, pin_memory=pinned)
     for i, im in enumerate(images):
         h, w = im.shape[:2]
-        region = batch[i, :h, :w]
-        region.copy_(torch.from_numpy(im))
-        region.sub_(mean).mul_(inv_std)
+        batch[i, :h, :w] = torch.from_numpy(im)
         mask[i, :h, :w] = False
-    pixel_values = batch.permute(0, 3, 1, 2)
-    if not channels_last:
-        pixel_values = pixel_values.contiguous()
-    return pixel_values, mask
+    return batch, mask
+
+
+def normalise(batch: torch.Tensor, mask: torch.Tensor, *, channels_last: bool = True) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W], ImageNet-normalised, zero where ``mask``."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=batch.device) * 255.0
+    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32, device=batch.device) * 255.0)
+    x = batch.float().sub_(mean).mul_(inv_std).masked_fill_(mask[..., None], 0.0)
+    pixel_values = x.permute(0, 3, 1, 2)
+    return pixel_values if channels_last else pixel_values.contiguous()
