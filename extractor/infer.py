@@ -103,10 +103,22 @@ def forward(model: torch.nn.Module, pixel_values: torch.Tensor, pixel_mask: torc
             device: str, precision: str, return_attention: bool = False,
             return_features: bool = False) -> dict[str, torch.Tensor]:
     """One batch through DETR; every float output comes back float32 on the CPU (masks stay bool)."""
+    return fetch(launch(model, pixel_values, pixel_mask, device, precision, return_attention, return_features))
+
+
+def launch(model: torch.nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None,
+           device: str, precision: str, return_attention: bool = False,
+           return_features: bool = False) -> dict[str, torch.Tensor]:
+    """The raw outputs of one batch, on ``device``. On a GPU this returns once the kernels are
+    queued, so the caller can post-process the previous batch while they run (:func:`fetch` waits)."""
     with torch.inference_mode(), precision_context(device, precision):
-        out = model(pixel_values.to(device, non_blocking=True),
-                    None if pixel_mask is None else pixel_mask.to(device, non_blocking=True),
-                    return_attention=return_attention, return_features=return_features)
+        return model(pixel_values.to(device, non_blocking=True),
+                     None if pixel_mask is None else pixel_mask.to(device, non_blocking=True),
+                     return_attention=return_attention, return_features=return_features)
+
+
+def fetch(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`launch`'s outputs as float32 (masks stay bool) CPU tensors; waits for the device."""
     return {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}
 
 

@@ -40,9 +40,16 @@ class Plan:
         return self._cache("_images_by_id", lambda: {int(r["image_id"]): r for r in self.images.to_dict("records")})
 
     @property
-    def context_by_image(self) -> dict[int, pd.DataFrame]:
-        return self._cache("_context_by_image",
-                           lambda: {int(k): g for k, g in self.context.groupby("image_id", sort=True)})
+    def context_by_image(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """image_id -> (gt boxes float64 [P, 4] x1 y1 x2 y2 pixels, person ids int64 [P]) of its context
+        persons. Arrays, made once: selecting DataFrame columns per image cost ~2 ms of the thread
+        that feeds the model."""
+        def make() -> dict[int, tuple[np.ndarray, np.ndarray]]:
+            boxes = self.context[["gt_x1", "gt_y1", "gt_x2", "gt_y2"]].to_numpy(np.float64)
+            ids = self.context["person_id"].to_numpy(np.int64)
+            return {int(k): (boxes[rows], ids[rows])
+                    for k, rows in self.context.groupby("image_id", sort=True).indices.items()}
+        return self._cache("_context_by_image", make)
 
     @property
     def selected_ids(self) -> frozenset[int]:
