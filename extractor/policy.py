@@ -1,7 +1,7 @@
 """The speed constants of extraction, in one place, with the measurement behind each.
 
-Measured on the project machine: 2 AVX-512 cores shared with other programs, torch 2.x
-CPU, R50 at 800x1066 (bench/extract_bench.py, README "Extraction speed"). None of them
+Measured on the project machine: 2 Zen 4 cores (AVX-512, double-pumped), torch 2.x CPU,
+R50 at 800x1066 (bench/extract_bench.py, README "Extraction speed"). None of them
 changes results: each only decides how the same float32 arithmetic is scheduled.
 """
 from __future__ import annotations
@@ -17,9 +17,13 @@ class SpeedPolicy:
     cpu_batch_size: int = 1
     # Not measured yet (no GPU was lent): issue 15 section 1.
     gpu_batch_size: int = 16
-    # Decoding threads: PIL releases the GIL; more than the cores only adds contention, and
-    # past 8 a GPU is fed faster than its JPEGs arrive anyway.
+    # Decoding threads. A FACET-sized JPEG (2000x1500 to 800x1066) takes ~33 CPU-ms to decode and
+    # resize, and threads scale with the cores since PIL releases the GIL (1 -> 2 threads: 30 -> 61
+    # images/s, README "Feeding a GPU"). On the CPU the model wants the cores, so at most 8; a GPU at
+    # 200 images/s needs ~7 cores of decoding alone, so a GPU run takes every core but the one
+    # feeding it (capped, for machines with very many cores).
     max_decode_workers: int = 8
+    max_gpu_decode_workers: int = 32
     # Input shapes whose packed (oneDNN-blocked) R50 weights are kept, ~100 MB each: images
     # come sorted by aspect ratio, so a few shapes arrive in runs.
     packed_shapes: int = 3
@@ -31,9 +35,13 @@ class SpeedPolicy:
     def batch_size(self, device: str) -> int:
         return self.gpu_batch_size if device.startswith("cuda") else self.cpu_batch_size
 
-    def decode_workers(self, cores: int | None = None) -> int:
-        """Decoding threads for a process that owns ``cores`` cores (default: all of this machine's)."""
-        return max(1, min(self.max_decode_workers, cores or os.cpu_count() or 1))
+    def decode_workers(self, cores: int | None = None, device: str = "cpu") -> int:
+        """Decoding threads for a process that owns ``cores`` cores (default: all of this machine's)
+        and runs its model on ``device``."""
+        cores = cores or os.cpu_count() or 1
+        if device.startswith("cuda"):
+            return max(1, min(self.max_gpu_decode_workers, cores - 1))
+        return max(1, min(self.max_decode_workers, cores))
 
     def cpu_actors(self, total_cpus: int, asked: int = 0) -> int:
         """How many CPU actors a Ray cluster of ``total_cpus`` cores runs (``asked`` 0 = auto)."""

@@ -71,7 +71,7 @@ class ExtractSettings:
         device = resolve_device(self.device, check=local_device)
         precision = resolve_precision(self.precision, device)
         batch = self.batch_size or POLICY.batch_size(device)
-        workers = self.workers or POLICY.decode_workers()
+        workers = self.workers or POLICY.decode_workers(device=device)
         shard = max(self.shard_size, batch)
         return replace(self, data=Path(self.data).resolve(), out=Path(self.out).resolve(),
                        device=device, precision=precision, batch_size=batch, workers=workers,

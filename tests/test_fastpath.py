@@ -175,3 +175,10 @@ def test_fused_path_gives_the_same_bits_for_every_thread_count(model):
             assert torch.equal(value, other[key]), key
     with torch.inference_mode():
         _close(model(batch, mask), outs[0])
+
+
+def test_decode_threads_leave_the_cpu_model_its_cores_and_feed_a_gpu_with_the_rest():
+    from extractor.policy import SpeedPolicy
+    p = SpeedPolicy()
+    assert [p.decode_workers(c) for c in (1, 2, 16, 64)] == [1, 2, 8, 8]
+    assert [p.decode_workers(c, "cuda:0") for c in (1, 2, 16, 64)] == [1, 1, 15, 32]
