@@ -198,9 +198,10 @@ def _process(model, plan: Plan, s: ExtractSettings, todo: list[int], clock: dict
              on_batch: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, list[dict]]]:
     """Decode ahead in threads (PIL releases the GIL) while the model runs; yields per shard.
 
-    One batch is in flight while the previous one is post-processed: on a GPU the kernels of
-    batch k+1 run while this thread matches and tabulates batch k (on the CPU the model runs at
-    the launch, so only the order of the same work changes, never its results).
+    On a GPU one batch is in flight while the previous one is post-processed: the kernels of
+    batch k+1 run while this thread matches and tabulates batch k. On the CPU the model runs at
+    the launch, so there is nothing to overlap and each batch is finished at once (the timing
+    stamps then mean what they always meant). The results are the same either way.
     clock: gets time.time() after the first ("first") and the latest ("last") batch."""
     root = s.data
 
@@ -216,38 +217,49 @@ def _process(model, plan: Plan, s: ExtractSettings, todo: list[int], clock: dict
     batches = [(shard_idx, plan.shards[shard_idx][start:start + s.batch_size])
                for shard_idx in todo for start in range(0, len(plan.shards[shard_idx]), s.batch_size)]
     last_batch_of = {shard_idx: b for b, (shard_idx, _) in enumerate(batches)}
-    window = max(2 * s.batch_size, s.workers * 2)
     results: dict[int, list[dict]] = {shard_idx: [] for shard_idx in todo}
+    overlap = _overlaps(s.device)
+
+    def finish(b: int, launched: dict) -> Iterator[tuple[int, list[dict]]]:
+        shard_idx = batches[b][0]
+        results[shard_idx].extend(_finish_batch(model, plan, s, launched))
+        clock.setdefault("first", time.time())
+        clock["last"] = time.time()
+        if on_batch is not None:
+            on_batch(shard_idx, len(results[shard_idx]))
+        if last_batch_of[shard_idx] == b:
+            yield shard_idx, results.pop(shard_idx)
+
+    window = max(2 * s.batch_size, s.workers * 2)
     with ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="decode") as pool:
         futures = [pool.submit(load, image_id) for _, image_id in order[:window]]
         next_submit = len(futures)
         pos = 0
-        in_flight = None  # (batch number, the launched batch)
-        for b in range(len(batches) + 1):
-            launched = None
-            if b < len(batches):
-                loaded = []
-                for _ in batches[b][1]:
-                    loaded.append(futures[pos].result())
-                    futures[pos] = None  # free the pixels once consumed
-                    pos += 1
-                    if next_submit < len(order):
-                        futures.append(pool.submit(load, order[next_submit][1]))
-                        next_submit += 1
-                launched = (b, _launch_batch(model, s, batches[b][1], loaded))
+        in_flight = None  # (batch number, launched batch) still on the device
+        for b, (_, batch_ids) in enumerate(batches):
+            loaded = []
+            for _ in batch_ids:
+                loaded.append(futures[pos].result())
+                futures[pos] = None  # free the pixels once consumed
+                pos += 1
+                if next_submit < len(order):
+                    futures.append(pool.submit(load, order[next_submit][1]))
+                    next_submit += 1
+            launched = _launch_batch(model, s, batch_ids, loaded)
             if in_flight is not None:
-                done, batch = in_flight
-                shard_idx = batches[done][0]
-                results[shard_idx].extend(_finish_batch(model, plan, s, batch))
-                clock.setdefault("first", time.time())
-                clock["last"] = time.time()
-                if on_batch is not None:
-                    on_batch(shard_idx, len(results[shard_idx]))
-                if last_batch_of[shard_idx] == done:
-                    yield shard_idx, results.pop(shard_idx)
-            in_flight = launched
-    for shard_idx in list(results):  # shards without any image to run (none in practice)
-        yield shard_idx, results.pop(shard_idx)
+                yield from finish(*in_flight)
+            in_flight = (b, launched)
+            if not overlap:
+                yield from finish(*in_flight)
+                in_flight = None
+        if in_flight is not None:
+            yield from finish(*in_flight)
+    yield from results.items()  # shards without any image to run (none in practice)
+
+
+def _overlaps(device: str) -> bool:
+    """Whether the model runs asynchronously on ``device``, so post-processing can overlap it."""
+    return device.startswith("cuda")
 
 
 def _launch_batch(model, s: ExtractSettings, image_ids: list[int], loaded: list) -> dict:
