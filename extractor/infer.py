@@ -106,20 +106,38 @@ def forward(model: torch.nn.Module, pixel_values: torch.Tensor, pixel_mask: torc
     return fetch(launch(model, pixel_values, pixel_mask, device, precision, return_attention, return_features))
 
 
+@dataclass(frozen=True)
+class Launched:
+    """A batch given to the model. ``outputs`` are on the CPU; on a GPU they are valid only once
+    ``ready`` has fired (:func:`fetch` waits for it)."""
+    outputs: dict[str, torch.Tensor]
+    ready: "torch.cuda.Event | None" = None
+
+
 def launch(model: torch.nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None,
            device: str, precision: str, return_attention: bool = False,
-           return_features: bool = False) -> dict[str, torch.Tensor]:
-    """The raw outputs of one batch, on ``device``. On a GPU this returns once the kernels are
-    queued, so the caller can post-process the previous batch while they run (:func:`fetch` waits)."""
+           return_features: bool = False) -> Launched:
+    """Run one batch; on a GPU, return as soon as its kernels and the copies of its outputs back
+    to the CPU are queued, so the caller can post-process the previous batch meanwhile."""
     with torch.inference_mode(), precision_context(device, precision):
-        return model(pixel_values.to(device, non_blocking=True),
-                     None if pixel_mask is None else pixel_mask.to(device, non_blocking=True),
-                     return_attention=return_attention, return_features=return_features)
+        out = model(pixel_values.to(device, non_blocking=True),
+                    None if pixel_mask is None else pixel_mask.to(device, non_blocking=True),
+                    return_attention=return_attention, return_features=return_features)
+        if not device.startswith("cuda"):
+            return Launched(out)
+        # Queued now, behind this batch's kernels and ahead of the next batch's: a .cpu() made later
+        # would also wait for every kernel queued in between. The copies land in pinned memory.
+        host = {k: (v.float() if v.is_floating_point() else v).to("cpu", non_blocking=True) for k, v in out.items()}
+        ready = torch.cuda.Event()
+        ready.record()
+    return Launched(host, ready)
 
 
-def fetch(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """:func:`launch`'s outputs as float32 (masks stay bool) CPU tensors; waits for the device."""
-    return {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}
+def fetch(launched: Launched) -> dict[str, torch.Tensor]:
+    """:func:`launch`'s outputs as float32 (masks stay bool) CPU tensors, once the device is done."""
+    if launched.ready is not None:
+        launched.ready.synchronize()
+    return {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in launched.outputs.items()}
 
 
 @dataclass(frozen=True)
