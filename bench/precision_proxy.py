@@ -10,8 +10,9 @@ model a GPU runs (batch norms folded, channels-last, no fused CPU convolutions) 
 FACET-sized real-photo JPEGs with the non-degenerate random weights, in:
 
 - fp32: the reference;
-- bf16 autocast: ``torch.autocast("cpu", bfloat16)``, the same op lists as CUDA autocast
-  (convolutions and matmuls in bf16, their outputs bf16, softmax / layer norm in float32);
+- bf16 autocast: ``torch.autocast("cpu", bfloat16)`` with CUDA autocast's op lists
+  (convolutions and matmuls in bf16 with bf16 outputs; layer norm and softmax in float32,
+  which CPU autocast would leave in bf16: ``CudaAutocastLists``), and CPU autocast as it is;
 - TF32 emulated: every convolution, matmul and attention input rounded to TF32 (10 mantissa
   bits) and products accumulated in float32, what cuDNN / cuBLAS do with TF32 on; both
   round-to-nearest and truncation, since which one a kernel uses is not documented for all.
@@ -33,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from extractor.checkpoints import seeded_state_dict  # noqa: E402
@@ -96,6 +99,25 @@ class ReducedInputs(TorchDispatchMode):
         return torch.matmul(self._cut(scores.softmax(-1)), self._cut(v))
 
 
+class CudaAutocastLists(TorchFunctionMode):
+    """Inside CPU bf16 autocast, runs the ops CUDA autocast keeps in float32 (of those DETR uses:
+    layer norm, softmax, group norm) in float32, as CUDA does; CPU autocast runs them in bf16."""
+    FLOAT32 = {F.layer_norm, torch.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.group_norm}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FLOAT32:
+            self.calls += 1
+            with torch.autocast("cpu", enabled=False):
+                return func(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                              for a in args), **kwargs)
+        return func(*args, **kwargs)
+
+
 def gpu_model(seed: int) -> torch.nn.Module:
     """The model ``optimise_for_inference`` gives a GPU: folded batch norms, channels-last."""
     model = build_detr()
@@ -107,16 +129,22 @@ def outputs(model: torch.nn.Module, batches: list[torch.Tensor], variant: str) -
     """(person scores [N, Q], query embeddings [N, Q, 256]) over the images under ``variant``."""
     scores, embs = [], []
     for x in batches:
-        if variant == "bf16 autocast":
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+        modes: list = []
+        if variant.startswith("bf16 autocast"):
+            modes = [torch.autocast("cpu", dtype=torch.bfloat16)] + ([CudaAutocastLists()] if "CUDA" in variant else [])
         elif variant.startswith("tf32"):
-            ctx = ReducedInputs(10, nearest="nearest" in variant)
-        else:
-            ctx = contextlib.nullcontext()
-        with torch.inference_mode(), ctx:
+            modes = [ReducedInputs(10, nearest="nearest" in variant)]
+        elif variant != "fp32":
+            raise ValueError(f"unknown variant {variant!r}")
+        # Entered inside inference mode: an autocast entered outside it is not undone on exit there.
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
             out = model(x)
-        if isinstance(ctx, ReducedInputs):
-            assert ctx.calls > 100, "the emulation saw too few convolutions / matmuls"
+        assert not torch.is_autocast_enabled("cpu")
+        for mode in modes:
+            if isinstance(mode, (ReducedInputs, CudaAutocastLists)):
+                assert mode.calls > 20, f"{type(mode).__name__} saw too few of the ops it changes"
         scores.append(person_probability(out["pred_logits"][0].float()).numpy())
         embs.append(out["query_embeddings"][0].float().numpy())
     return np.stack(scores), np.stack(embs)
@@ -138,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the photos' tiling and of the weights")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/precision_proxy"), help="scratch directory")
     p.add_argument("--min-size", type=int, default=800, help="shorter side the model sees (default 800)")
-    p.add_argument("--variants", default="bf16 autocast,tf32 nearest,tf32 truncated",
+    p.add_argument("--variants", default="bf16 autocast (CUDA lists),bf16 autocast (CPU lists),tf32 nearest,"
+                                         "tf32 truncated",
                    help="comma-separated variants compared with fp32")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

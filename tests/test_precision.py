@@ -152,3 +152,18 @@ def test_collate_is_the_official_normalisation_bit_for_bit():
     assert u8.dtype == torch.uint8 and torch.equal(u8[1, :64, :33], torch.from_numpy(images[1]))
     with pytest.raises(ValueError, match="empty batch"):
         collate([])
+
+
+def test_cuda_autocast_lists_keep_layer_norm_and_softmax_in_float32():
+    """CPU autocast leaves layer norm / softmax in bf16; CUDA's op lists run them in float32."""
+    proxy = _proxy()
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.linear(x, w)
+        assert y.dtype == torch.bfloat16 and F.layer_norm(y, (8,)).dtype == torch.bfloat16
+        with proxy.CudaAutocastLists() as mode:
+            assert F.linear(x, w).dtype == torch.bfloat16
+            ln = F.layer_norm(y, (8,))
+            assert ln.dtype == torch.float32 and y.softmax(-1).dtype == torch.float32
+    torch.testing.assert_close(ln, F.layer_norm(y.float(), (8,)))
+    assert mode.calls == 2
