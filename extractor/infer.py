@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 
 from .fastpath import optimise_for_inference
-from .precisions import PRECISIONS
 from .features import row_features
 from .matching import cxcywh_to_xyxy_pixels, person_probability
+from .precisions import PRECISIONS
 from .preprocess import collate, prepare_image, to_rgb
 
 log = logging.getLogger(__name__)
+
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
