@@ -90,22 +90,24 @@ def write_dataset(root: Path, n_images: int, seed: int) -> Path:
     return root
 
 
-def plain_path(model: torch.nn.Module, paths: list[Path], device: str = "cpu") -> tuple[float, dict[str, dict]]:
+def plain_path(model: torch.nn.Module, paths: list[Path], device: str = "cpu", min_size: int = 800,
+               max_size: int = 1333) -> tuple[float, dict[str, dict]]:
     """(seconds, per file name: scores [Q], boxes [Q,4] cxcywh, embeddings [Q,256], size)."""
     mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
     out: dict[str, dict] = {}
     t0 = time.perf_counter()
     for path in paths:
-        img = Image.open(path).convert("RGB")
-        img = img.resize(target_size(img.width, img.height, 800, 1333), Image.BILINEAR)
+        with Image.open(path) as photo:
+            img, size = photo.convert("RGB"), photo.size
+        img = img.resize(target_size(img.width, img.height, min_size, max_size), Image.BILINEAR)
         x = torch.from_numpy(np.array(img)).to(device).permute(2, 0, 1).float().div(255).sub(mean).div(std)[None]
         # Strict float32 on a GPU too: PyTorch's default runs cuDNN convolutions in TF32.
         with torch.no_grad(), precision_context(device, "fp32"):
             o = {k: v[0].float().cpu() for k, v in model(x).items()}  # .cpu() waits for the GPU
         out[path.name] = {"scores": o["pred_logits"].softmax(-1)[:, 1].numpy(),
                           "boxes": o["pred_boxes"].numpy(), "emb": o["query_embeddings"].numpy(),
-                          "size": Image.open(path).size}
+                          "size": size}
     return time.perf_counter() - t0, out
 
 

@@ -39,9 +39,8 @@ import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __name__ == "__main__":  # tqdm reads it at import; progress bars would bury the report in the output tail
@@ -71,17 +70,6 @@ def error_info(exc: BaseException) -> dict:
 
 def _json_default(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else str(v)
-
-
-@contextmanager
-def plain_sizes(min_size: int, max_size: int) -> Iterator[None]:
-    """extract_bench.plain_path resizes to 800/1333 fixed; make it use the suite's sizes."""
-    original = eb.target_size
-    eb.target_size = lambda w, h, _lo, _hi: original(w, h, min_size, max_size)
-    try:
-        yield
-    finally:
-        eb.target_size = original
 
 
 def compare_plain(ref: dict[str, dict], other: dict[str, dict], threshold: float) -> dict:
@@ -190,11 +178,11 @@ class Suite:
         return {"rows": rows, "policy_workers": policy}
 
     def _plain(self, device: str, paths: list[Path]) -> tuple[float, dict[str, dict]]:
-        # plain_path runs under precision_context(device, "fp32"): TF32 off on CUDA.
-        with plain_sizes(self.args.min_size, self.args.max_size):
-            model = eb.build_and_load(self.sd).to(device)
-            eb.plain_path(model, paths[:1], device)  # warm-up: CUDA context, cuDNN / oneDNN, allocator
-            return eb.plain_path(model, paths, device)
+        """extract_bench's plain path (strict float32 on CUDA too) after a one-image warm-up."""
+        sizes = (self.args.min_size, self.args.max_size)
+        model = eb.build_and_load(self.sd).to(device)
+        eb.plain_path(model, paths[:1], device, *sizes)  # warm-up: CUDA context, cuDNN / oneDNN, allocator
+        return eb.plain_path(model, paths, device, *sizes)
 
     def reference(self) -> dict:
         sec, ref = self._plain(self.device, self.paths)
