@@ -57,6 +57,7 @@ from extractor.pipeline import run_extraction  # noqa: E402
 from extractor.policy import POLICY  # noqa: E402
 from extractor.preprocess import load_prepared  # noqa: E402
 from extractor.settings import ExtractSettings  # noqa: E402
+from precision_proxy import compare  # noqa: E402
 from whole_process import FACET_SIZE, run_fast, write_photo_dataset  # noqa: E402
 
 log = logging.getLogger("gpu_suite")
@@ -73,21 +74,10 @@ def _json_default(v: Any) -> Any:
 
 
 def compare_plain(ref: dict[str, dict], other: dict[str, dict], threshold: float) -> dict:
-    """Two plain_path outputs on the same files: every query's embedding cosine and score, kept flips."""
-    cos, dscore, flips = [], [], []
-    for name, a in ref.items():
-        b = other[name]
-        cos.append((a["emb"] * b["emb"]).sum(1) / (np.linalg.norm(a["emb"], axis=1) * np.linalg.norm(b["emb"], axis=1)))
-        dscore.append(np.abs(a["scores"] - b["scores"]))
-        for q in np.flatnonzero((a["scores"] >= threshold) != (b["scores"] >= threshold)):
-            flips.append({"file": name, "query": int(q), "score_ref": float(a["scores"][q]),
-                          "score_other": float(b["scores"][q]),
-                          "within_0.01": bool(abs(float(a["scores"][q]) - threshold) < 0.01)})
-    cos_all, d_all = np.concatenate(cos), np.concatenate(dscore)
-    return {"images": len(ref), "queries": int(cos_all.size), "cos_min": float(cos_all.min()),
-            "cos_mean": float(cos_all.mean()), "score_diff_max": float(d_all.max()),
-            "kept": int(sum((a["scores"] >= threshold).sum() for a in ref.values())),
-            "kept_flips": len(flips), "kept_flips_allowed": all(f["within_0.01"] for f in flips), "flips": flips[:20]}
+    """Two plain_path outputs on the same files, every query (precision_proxy.compare)."""
+    stacked = lambda d: (np.stack([d[n]["scores"] for n in ref]), np.stack([d[n]["emb"] for n in ref]))  # noqa: E731
+    c = compare(stacked(ref), stacked(other), threshold)
+    return {"images": len(ref), **c, "kept_flips": c["flips"], "kept_flips_allowed": c["flips_allowed"]}
 
 
 def tf32_flags() -> dict:
