@@ -43,6 +43,11 @@ class SpeedPolicy:
             return max(1, min(self.max_gpu_decode_workers, cores - 1))
         return max(1, min(self.max_decode_workers, cores))
 
+    def gpu_actor_cpus(self, node_cpus: int, node_gpus: int) -> int:
+        """CPUs one single-GPU Ray actor reserves on a node of ``node_cpus`` cores and ``node_gpus``
+        GPUs: its GPU's share of the cores, since it decodes its own images on them (decode_workers)."""
+        return max(1, node_cpus // max(1, node_gpus))
+
     def cpu_actors(self, total_cpus: int, asked: int = 0) -> int:
         """How many CPU actors a Ray cluster of ``total_cpus`` cores runs (``asked`` 0 = auto)."""
         return max(1, asked or total_cpus // self.cpu_actor_threads)

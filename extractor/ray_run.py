@@ -53,6 +53,7 @@ class RayCluster:
     gpus: int
     total_cpus: int
     node_cpus: int
+    gpu_actor_cpus: int  # CPUs each GPU actor reserves (and decodes on); 0 without GPUs
     started_here: bool
     actors: list | None = None
     threads: int = 0
@@ -78,7 +79,7 @@ class RayCluster:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in nodes), default=0)
         res = ray.cluster_resources()
-        return cls(ray, int(res.get("GPU", 0)), int(res.get("CPU", 0)), node_cpus, started)
+        return cls(ray, int(res.get("GPU", 0)), int(res.get("CPU", 0)), node_cpus, gpu_actor_cpus(nodes), started)
 
     def settle(self, settings: ExtractSettings) -> ExtractSettings:
         """``settings`` with the device and precision the actors will use; starts the actors."""
@@ -96,8 +97,8 @@ class RayCluster:
         env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}  # before torch loads (see extractor/__main__.py)
         if device.startswith("cuda"):
             n = min(asked or self.gpus, self.gpus)
-            opts = {"num_gpus": 1, "num_cpus": 1}
-            self.threads, decode = 0, POLICY.decode_workers()
+            opts = {"num_gpus": 1, "num_cpus": self.gpu_actor_cpus}
+            self.threads, decode = 0, POLICY.decode_workers(self.gpu_actor_cpus, device)
         else:
             if self.total_cpus < 1:
                 raise ValueError("the Ray cluster offers no CPU to run actors on")
@@ -223,6 +224,14 @@ class Progress:
 
     def starts(self) -> dict[int, list[int]]:
         return self._starts
+
+
+def gpu_actor_cpus(nodes: list[dict]) -> int:
+    """CPUs per GPU actor on the cluster's live nodes (``ray.nodes()`` entries): the smallest per-GPU
+    share of any node with GPUs, so every GPU's actor fits on its node; 0 without GPUs."""
+    shares = [POLICY.gpu_actor_cpus(int(n["Resources"].get("CPU", 0)), int(n["Resources"]["GPU"]))
+              for n in nodes if n["Resources"].get("GPU", 0) >= 1]
+    return min(shares, default=0)
 
 
 class ShardWorker:

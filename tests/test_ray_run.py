@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,6 +109,39 @@ def test_cpu_actors_share_the_cores_by_the_policy(cpus, asked, actors, threads):
     n = POLICY.cpu_actors(cpus, asked)
     assert (n, POLICY.actor_threads(cpus, cpus, n)) == (actors, threads)
     assert POLICY.actor_threads(32, 8, 1) == 8  # never more threads than one node has
+
+
+def test_gpu_actors_reserve_their_gpus_share_of_the_node():
+    """A GPU actor decodes its own images, so it reserves its GPU's share of its node's cores (the
+    smallest share over the GPU nodes, so each fits) and decodes on all of them but the feeding one."""
+    from extractor.policy import POLICY
+    from extractor.ray_run import gpu_actor_cpus
+    node = lambda cpu, gpu=0: {"Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {})}}  # noqa: E731
+    assert gpu_actor_cpus([node(16, 1)]) == 16
+    assert gpu_actor_cpus([node(64, 8), node(96), node(16, 1)]) == 8   # CPU-only nodes do not count
+    assert gpu_actor_cpus([node(2, 4)]) == 1 and gpu_actor_cpus([node(8)]) == 0
+    assert POLICY.decode_workers(16, "cuda") == 15
+
+
+@pytest.mark.slow
+def test_a_gpu_actor_with_that_reservation_is_placed(tmp_path):
+    """On a Ray whose node advertises a (logical) GPU, the run's GPU actors get scheduled: a reservation
+    the node cannot meet would leave the run waiting forever. Own process: the module's Ray has no GPU."""
+    pytest.importorskip("ray")
+    code = (
+        "import ray\n"
+        "from extractor.ray_run import RayCluster\n"
+        "from extractor.settings import ExtractSettings\n"
+        "ray.init(address='local', num_cpus=3, num_gpus=1, include_dashboard=False, logging_level='ERROR')\n"
+        f"c = RayCluster.connect(ExtractSettings(data={str(tmp_path)!r}, out={str(tmp_path / 'r')!r}))\n"
+        "c._start_actors('cuda', 0)\n"
+        "ray.get([a.pid.remote() for a in c.actors], timeout=120)\n"
+        "print('placed', len(c.actors), c.gpu_actor_cpus)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["placed", "1", "3"]
 
 
 def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch, capsys):
