@@ -194,18 +194,21 @@ class MultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
+    def project(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of the packed q/k/v in-projection applied to ``x`` ``[B,L,D]``."""
+        return F.linear(x, self.in_proj_weight[start:stop], self.in_proj_bias[start:stop])
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """query ``[B,Lq,D]``, key/value ``[B,Lk,D]``, key_padding_mask ``[B,Lk]`` (True = ignore)
         -> output ``[B,Lq,D]`` and, if asked, head-averaged probabilities ``[B,Lq,Lk]``."""
         batch, len_q, dim = query.shape
-        w, b = self.in_proj_weight, self.in_proj_bias
         if query is key:  # self-attention: one matmul for q and k
-            q, k = F.linear(query, w[: 2 * dim], b[: 2 * dim]).chunk(2, dim=-1)
+            q, k = self.project(query, 0, 2 * dim).chunk(2, dim=-1)
         else:
-            q = F.linear(query, w[:dim], b[:dim])
-            k = F.linear(key, w[dim: 2 * dim], b[dim: 2 * dim])
-        v = F.linear(value, w[2 * dim:], b[2 * dim:])
+            q = self.project(query, 0, dim)
+            k = self.project(key, dim, 2 * dim)
+        v = self.project(value, 2 * dim, 3 * dim)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
         weights = None
         if need_weights:
@@ -457,11 +460,11 @@ def fold_frozen_batchnorm(model: DETR) -> DETR:
                               device=conv.weight.device, dtype=conv.weight.dtype)
             fused.weight.copy_(conv.weight * scale[:, None, None, None])
             fused.bias.copy_(bn.bias - bn.running_mean * scale)
-            _set_submodule(module, conv_name, fused)
-            _set_submodule(module, bn_name, nn.Identity())
+            set_submodule(module, conv_name, fused)
+            set_submodule(module, bn_name, nn.Identity())
     return folded
 
 
-def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+def set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     parent, _, leaf = dotted.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)

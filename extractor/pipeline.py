@@ -25,6 +25,7 @@ from . import rundir
 from .checkpoints import LoadedCheckpoint, build_model, load_checkpoint
 from .datasets import Dataset, read_dataset, select_persons
 from .finalize import write_outputs
+from .policy import POLICY, keep_freed_memory
 from .fastpath import optimise_for_inference
 from .features import feature_files, row_features
 from .infer import fetch, launch
@@ -70,6 +71,8 @@ def run_extraction(settings: ExtractSettings,
 
 def _run(settings: ExtractSettings, progress, model, cluster, t0: float) -> RunResult:
     s = settings.resolved(local_device=cluster is None)
+    if cluster is None and s.device == "cpu":
+        keep_freed_memory(POLICY)  # process-wide; see SpeedPolicy.keep_freed_memory
     dataset = read_dataset(s.data, s.annotations)
     if cluster is not None:
         # The actors build their own models from this checkpoint; the driver needs none.

@@ -239,8 +239,12 @@ class ShardWorker:
 
     def __init__(self, device: str, threads: int, decode_workers: int) -> None:
         import torch
+
+        from .policy import keep_freed_memory
         if threads:
             torch.set_num_threads(threads)
+        if device == "cpu":
+            keep_freed_memory(POLICY)
         self.device, self.decode_workers = device, decode_workers
         self._job_key: str | None = None
 

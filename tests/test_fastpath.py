@@ -76,7 +76,7 @@ def test_packed_shapes_are_bounded(model):
 
 
 def test_falls_back_without_the_fused_ops(model, monkeypatch):
-    monkeypatch.setattr(fastpath, "_mkldnn_ops", lambda: None)
+    monkeypatch.setattr(fastpath, "_mkldnn_ops", lambda needed=fastpath.CONV_OPS: None)
     fast = fastpath.optimise_for_inference(model, "cpu", "fp32")
     assert not isinstance(fast.backbone[0].body, fastpath.FusedTrunk)
     x = torch.randn(1, 3, 96, 128)
@@ -182,3 +182,49 @@ def test_decode_threads_leave_the_cpu_model_its_cores_and_feed_a_gpu_with_the_re
     p = SpeedPolicy()
     assert [p.decode_workers(c) for c in (1, 2, 16, 64)] == [1, 2, 8, 8]
     assert [p.decode_workers(c, "cuda:0") for c in (1, 2, 16, 64)] == [1, 1, 15, 32]
+
+
+def test_transformer_linears_run_packed_through_onednn_and_fall_back_without_it(model, monkeypatch):
+    """MKL's sgemm runs AVX2 kernels on AMD CPUs, so the fast path sends every linear layer (and the
+    attention's q/k/v slices) to oneDNN with reordered weights; the same numbers, and plain
+    ``nn.Linear`` where the ops are missing."""
+    if fastpath._mkldnn_ops(fastpath.LINEAR_OPS) is None:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    fast = fastpath.optimise_for_inference(model, "cpu", "fp32")
+    kinds = {type(m) for m in fast.modules()}
+    assert torch.nn.Linear not in kinds and fastpath.PackedAttention in kinds
+    assert isinstance(fast.input_proj.linear, fastpath.PackedLinear)
+    layer = fast.transformer.decoder.layers[0]
+    g = torch.Generator().manual_seed(5)
+    for rows in (1, 7, 850):  # the reordered weight serves any row count with the plain weight's bits
+        x = torch.randn(2, rows, 256, generator=g)
+        with torch.inference_mode():
+            want = torch.nn.functional.linear(x, model.transformer.decoder.layers[0].linear1.weight,
+                                              model.transformer.decoder.layers[0].linear1.bias)
+            torch.testing.assert_close(layer.linear1(x), want, rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(fastpath, "LINEAR_OPS", ("no_such_op",))
+    plain = fastpath.optimise_for_inference(model, "cpu", "fp32")
+    assert fastpath.PackedLinear not in {type(m) for m in plain.modules()}
+    x = torch.randn(1, 3, 96, 128, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        _close(plain(x), fast(x))
+
+
+def test_a_wrong_onednn_linear_is_caught_by_the_self_check(model, monkeypatch):
+    if fastpath._mkldnn_ops(fastpath.LINEAR_OPS) is None:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    real = fastpath.PackedLinear.forward
+    monkeypatch.setattr(fastpath.PackedLinear, "forward", lambda self, x: real(self, x) * 1.01)
+    fast = fastpath.optimise_for_inference(model, "cpu", "fp32")
+    assert fastpath.PackedLinear not in {type(m) for m in fast.modules()}
+
+
+def test_the_malloc_policy_keeps_freed_memory_on_glibc_and_can_be_turned_off():
+    import subprocess
+    import sys
+    code = ("from extractor.policy import POLICY, SpeedPolicy, keep_freed_memory; "
+            "print(keep_freed_memory(SpeedPolicy(keep_freed_memory=False)), keep_freed_memory(POLICY))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    import platform
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert out == ["False", str(glibc)]
