@@ -252,33 +252,31 @@ def _probe_trunk(body: nn.Module) -> nn.Module:
 
 
 def _linear_agrees(ops) -> bool:
-    """PackedLinear against ``F.linear`` on one transformer-sized product (the self-check's reason below)."""
+    """PackedLinear against ``F.linear`` on one transformer-sized product (see :func:`_matches`)."""
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(1, 40, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
-    try:
-        with torch.inference_mode():
-            want, got = nn.functional.linear(x, w, b), PackedLinear(ops, w, b)(x)
-        ok = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4 * float(want.abs().max())))
-    except RuntimeError as exc:
-        log.warning("oneDNN linear failed (%s); using torch's", exc)
-        return False
-    if not ok:
-        log.warning("oneDNN linear disagrees with torch's; using torch's")
-    return ok
+    return _matches(lambda: nn.functional.linear(x, w, b), lambda: PackedLinear(ops, w, b)(x),
+                    "oneDNN linear", "torch's linear")
 
 
 def _agrees(reference: nn.Module, candidate: nn.Module) -> bool:
-    """A small self-check, so an unusual torch build degrades to the slower path, never to wrong numbers."""
+    """The fused trunk against the folded one on one small image (see :func:`_matches`)."""
     x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     x = x.contiguous(memory_format=torch.channels_last)
+    ok = _matches(lambda: reference(x), lambda: candidate(x.clone()), "oneDNN fused convolutions", "the plain path")
+    candidate._packed.clear()
+    return ok
+
+
+def _matches(reference, candidate, what: str, fallback: str) -> bool:
+    """A small self-check, so an unusual torch build degrades to the slower path, never to wrong numbers."""
     try:
         with torch.inference_mode():
-            want, got = reference(x), candidate(x.clone())
+            want, got = reference(), candidate()
         ok = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4 * float(want.abs().max())))
     except RuntimeError as exc:
-        log.warning("oneDNN fused convolutions failed (%s); using the plain path", exc)
+        log.warning("%s failed (%s); using %s", what, exc, fallback)
         return False
     if not ok:
-        log.warning("oneDNN fused convolutions disagree with the reference; using the plain path")
-    candidate._packed.clear()
+        log.warning("%s disagree with the reference; using %s", what, fallback)
     return ok
