@@ -27,7 +27,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from .detr import DETR, MultiheadAttention, set_submodule, fold_frozen_batchnorm
+from .detr import DETR, fold_frozen_batchnorm, set_submodule
+from .transformer import MultiheadAttention
 from .policy import POLICY
 
 log = logging.getLogger(__name__)
