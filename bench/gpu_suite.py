@@ -11,7 +11,9 @@ DETR-R50 weights, in this order (cheap and most important first):
 1. environment: torch, CUDA, GPU name/capability, bf16 support, cores, the TF32 flags;
 2. the dataset and the checkpoint, timed;
 3. decoding: ``load_prepared`` in a thread pool at 1, 2, 4, ... up to ``POLICY.decode_workers()``
-   workers (plus all cores, and JPEG draft decoding at the policy's count), images/s each;
+   workers (plus all cores, and JPEG draft decoding at the policy's count), images/s each; then
+   ``torchvision.io.decode_jpeg`` on the device in batches with the resize on the device, images/s
+   and its pixels' distance from ``load_prepared``'s (a measurement only: the runs decode on the CPU);
 4. the reference: bench/extract_bench.py's plain official path (batch 1, strict float32 with
    TF32 off on CUDA) on the device over all images, its threshold (``pick_threshold``), and the
    same path on the CPU over the first ``--cpu-images`` images compared with it (cosine of the
@@ -38,6 +40,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -167,6 +170,52 @@ class Suite:
                      rows[-1]["images_per_s"])
         return {"rows": rows, "policy_workers": policy}
 
+    def device_decode(self) -> dict:
+        """The alternative the issue names: ``torchvision.io.decode_jpeg`` on the device (nvJPEG on a
+        GPU) in batches, then the resize as an antialiased bilinear ``interpolate``; images/s, and how
+        far its uint8 pixels are from ``load_prepared``'s (libjpeg-turbo + PIL), which the runs use.
+        torchvision 0.29 deprecates its image decoders (for TorchCodec) and warns on every call."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+            return self._device_decode()
+
+    def _device_decode(self) -> dict:
+        import torch.nn.functional as F
+        import torchvision
+        from torchvision.io import decode_jpeg, read_file
+
+        from extractor.preprocess import target_size
+
+        def prepare(batch: list[Path]) -> list[torch.Tensor]:
+            decoded = decode_jpeg([read_file(str(p)) for p in batch], device=self.device)
+            out = []
+            for img in decoded:  # [3, H, W] uint8
+                w, h = target_size(img.shape[2], img.shape[1], self.args.min_size, self.args.max_size)
+                x = F.interpolate(img[None].float(), size=(h, w), mode="bilinear", antialias=True,
+                                  align_corners=False)
+                out.append(x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0))
+            return out
+
+        rows = []
+        for batch in sorted({1, 16, 32, self.args.batches[-1]}):
+            prepare(self.paths[:batch])  # warm-up: nvJPEG handles and kernels
+            cuda_sync(self.device)
+            t = time.perf_counter()
+            for i in range(0, len(self.paths), batch):
+                prepare(self.paths[i:i + batch])
+            cuda_sync(self.device)
+            rows.append({"batch": batch, "images_per_s": round(len(self.paths) / (time.perf_counter() - t), 1)})
+            log.info("  device decode batch %d: %.1f img/s", batch, rows[-1]["images_per_s"])
+        sample = self.paths[:min(8, len(self.paths))]
+        diffs = []
+        for path, got in zip(sample, prepare(sample)):
+            want = load_prepared(path, self.args.min_size, self.args.max_size, draft=False).pixels
+            diffs.append(np.abs(got.cpu().numpy().astype(np.int16) - want.astype(np.int16)))
+        allpix = np.concatenate([d.ravel() for d in diffs])
+        return {"torchvision": torchvision.__version__, "rows": rows, "vs_pil_images": len(sample), "vs_pil_max_abs": int(allpix.max()),
+                "vs_pil_mean_abs": round(float(allpix.mean()), 3),
+                "vs_pil_share_over_2": round(float((allpix > 2).mean()), 5)}
+
     def _plain(self, device: str, paths: list[Path]) -> tuple[float, dict[str, dict]]:
         """extract_bench's plain path (strict float32 on CUDA too) after a one-image warm-up."""
         sizes = (self.args.min_size, self.args.max_size)
@@ -273,6 +322,12 @@ class Suite:
             pol = next(r["images_per_s"] for r in rows if r["policy"] and not r["draft"])
             lines.append(f"\nDecode at the policy's {s['decode']['policy_workers']} workers: {pol} img/s; best "
                          f"model steady rate: {best} img/s -> decoding keeps up: {pol >= best}")
+        if s.get("device_decode", {}).get("status") == "ok":
+            d = s["device_decode"]
+            lines += table("Decode on the device (torchvision.io.decode_jpeg + antialiased bilinear interpolate)",
+                           ["batch", "images/s"], [[r["batch"], r["images_per_s"]] for r in d["rows"]])
+            lines.append(f"\nIts uint8 pixels against load_prepared's over {d['vs_pil_images']} images: max |diff| "
+                         f"{d['vs_pil_max_abs']}, mean {d['vs_pil_mean_abs']}, share over 2: {d['vs_pil_share_over_2']}")
         if s.get("cpu_agreement", {}).get("status") == "ok":
             c = s["cpu_agreement"]
             lines += table("Agreement: device fp32 (plain, TF32 off) vs CPU fp32 (plain)",
@@ -342,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         print(suite.markdown())
         return 1
     suite.step("decode", suite.decode)
+    suite.step("device_decode", suite.device_decode)
     # Without a reference the speed is still measured (threshold 0.5, no agreement).
     fatal = suite.step("reference", suite.reference)["status"] != "ok"
     if not fatal:

@@ -47,6 +47,13 @@ def test_suite_on_cpu_measures_every_configuration(tmp_path):
     assert [r["workers"] for r in policy] == [POLICY.decode_workers()]
     assert all(r["images_per_s"] > 0 for r in decode)
 
+    # torchvision's decode + antialiased interpolate is PIL's resize to within rounding here (both
+    # decoders are libjpeg-turbo on the CPU); on a GPU nvJPEG's IDCT may differ, which is measured.
+    dev = steps["device_decode"]
+    assert dev["status"] == "ok", dev
+    assert [r["batch"] for r in dev["rows"]] == [1, 2, 16, 32] and all(r["images_per_s"] > 0 for r in dev["rows"])
+    assert dev["vs_pil_images"] == 3 and dev["vs_pil_max_abs"] <= 2 and dev["vs_pil_mean_abs"] < 0.5
+
     configs = {(c["precision"], c["batch"]): c for c in res["configs"]}
     assert set(configs) == {(p, b) for p in ("fp32", "bf16", "tf32") for b in (1, 2)}
     for p in ("fp32", "bf16"):
@@ -71,6 +78,7 @@ def test_suite_on_cpu_measures_every_configuration(tmp_path):
     assert whole["wall_s"] > 0 and whole["images_per_s"] > 0
 
     assert "| precision | batch | status | images/s end to end | steady images/s |" in md
+    assert "## Decode on the device" in md and "max |diff|" in md
     assert "## Decode" in md and "## Agreement: device fp32" in md and "## Whole process" in md
     assert not (tmp_path / "work").exists()  # the run directories and the dataset are cleaned up
 
