@@ -25,6 +25,7 @@ change results. In-process timings: for locating time, not headline figures (tho
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -60,13 +61,6 @@ def family_of(op_name: str) -> str:
     return "other"
 
 
-def _numel(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
-
-
 class FlopCount(TorchDispatchMode):
     """Multiply-adds x 2 of every convolution, matrix product and attention call, by family.
 
@@ -85,10 +79,10 @@ class FlopCount(TorchDispatchMode):
         packet = func.overloadpacket
         if packet in (aten.convolution, aten._convolution):
             w = args[1].shape
-            self.flops["convolutions"] += 2 * _numel(out.shape) * _numel(w[1:])
+            self.flops["convolutions"] += 2 * math.prod(out.shape) * math.prod(w[1:])
         elif packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
             a = args[1] if packet in (aten.addmm, aten.baddbmm) else args[0]
-            self.flops["linear layers"] += 2 * _numel(out.shape) * int(a.shape[-1])
+            self.flops["linear layers"] += 2 * math.prod(out.shape) * int(a.shape[-1])
         elif "scaled_dot_product" in str(packet):
             q, k, v = args[0], args[1], args[2]
             b, h, length, e = q.shape
