@@ -39,8 +39,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from extractor.checkpoints import seeded_state_dict  # noqa: E402
-from extractor.detr import build_detr, fold_frozen_batchnorm  # noqa: E402
+from extractor.checkpoints import UNTRAINED, build_model  # noqa: E402
+from extractor.detr import fold_frozen_batchnorm  # noqa: E402
 from extractor.fastpath import (LINEAR_OPS, PackedLinear, PointwiseProjection, _mkldnn_ops,  # noqa: E402
                                 optimise_for_inference)
 from extractor.policy import POLICY, keep_freed_memory  # noqa: E402
@@ -50,13 +50,13 @@ aten = torch.ops.aten
 
 
 def family_of(op_name: str) -> str:
-    """The family of a profiler or dispatcher op name (``mkldnn::_linear_pointwise``, ``aten.mm.default``)."""
+    """The family of a profiler op name (``mkldnn::_linear_pointwise``, ``aten::addmm``)."""
     name = op_name.lower()
     if "scaled_dot_product" in name:
         return "attention"
     if "convolution" in name:
         return "convolutions"
-    if any(k in name for k in ("linear", "addmm", "::mm", "aten.mm", "bmm", "matmul")):
+    if any(k in name for k in ("linear", "addmm", "::mm", "bmm", "matmul")):
         return "linear layers"
     return "other"
 
@@ -123,13 +123,8 @@ def time_families(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, repeats
 
 def wall_forward(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, repeats: int) -> float:
     """Median seconds of one forward, unprofiled."""
-    runs = []
     with torch.inference_mode():
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model(x, mask)
-            runs.append(time.perf_counter() - t)
-    return statistics.median(runs)
+        return statistics.median(_timed(lambda: model(x, mask)) for _ in range(repeats))
 
 
 def gemm_roof(rows: int = 4096, inner: int = 1024, cols: int = 1024, repeats: int = 5) -> float:
@@ -175,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--size {args.size!r}: give height x width, e.g. 800x1066")
 
     keep_freed_memory(POLICY)  # as a CPU extraction does
-    model = build_detr()
-    model.load_state_dict(seeded_state_dict(args.seed))
-    model.eval()
+    model, _ = build_model(UNTRAINED, seed=args.seed)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(1, 3, height, width, generator=g).contiguous(memory_format=torch.channels_last)
     mask = torch.zeros(1, height, width, dtype=torch.bool)

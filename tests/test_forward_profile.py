@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from extractor.detr import build_detr, fold_frozen_batchnorm
+from extractor.detr import build_detr
 from extractor.fastpath import optimise_for_inference
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "forward_profile.py"
